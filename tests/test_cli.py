@@ -1,0 +1,92 @@
+"""train_gpt2.py as a user runs it: the smoke run, the preset, the offline tokenizer, one-line errors."""
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, env_for_tests, read_log, run_script
+
+
+def test_import_starts_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import train_gpt2"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env_for_tests(PYTHONPATH=str(REPO)))
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smoke_run_on_input_txt(tmp_path):
+    r = run_script("train_gpt2.py", *TINY, "--max_lr", "1e-2", "--max_steps", "8", "--eval_interval", "4",
+                   "--log_dir", tmp_path / "log", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "preset: shakespeare-cpu" in r.stdout
+    assert "using" in r.stdout and "input.txt" in r.stdout  # says it fell back to input.txt
+    assert "n_layer=2" in r.stdout  # flags override the preset
+    log = read_log(tmp_path / "log" / "log.txt")
+    train = [float(log[(s, "train")]) for s in range(8)]
+    assert train[0] == pytest.approx(np.log(50304), abs=0.3)  # a fresh model is about uniform over the vocab
+    assert train[-1] < train[0] - 0.5  # and learns
+    assert {(0, "val"), (4, "val"), (8, "val")} <= set(log)
+    assert (tmp_path / "log" / "model_00008.pt").exists()
+    assert "sample 0: Hello, I'm a language model," in r.stdout
+
+
+def test_tokenizer_works_offline_from_an_empty_cache(tmp_path):
+    code = ("from gpt2_tokenizer import get_encoding; print(get_encoding().encode(\"Hello, I'm a language model,\"))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=env_for_tests(TIKTOKEN_CACHE_DIR=str(tmp_path / "cache")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[15496, 11, 314, 1101, 257, 3303, 2746, 11]"
+    # tiktoken's own cache now holds the two files under the sha1 of their URLs
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+    assert (tmp_path / "cache" / hashlib.sha1(url.encode()).hexdigest()).exists()
+
+
+def bad_shard_dir(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    np.save(d / "edufineweb_val_000000.npy", np.arange(5000, dtype=np.uint16))
+    np.save(d / "edufineweb_train_000001.npy", np.arange(5000, dtype=np.uint16))
+    f = d / "edufineweb_train_000001.npy"
+    f.write_bytes(f.read_bytes()[:3000])
+    return d
+
+
+BAD_INPUTS = {
+    "batch does not divide": (["--total_batch_size", "100"], "is not divisible by B*T*world_size"),
+    "T above block size": (["--T", "32"], "longer than --block_size"),
+    "heads do not divide width": (["--n_head", "3"], "not divisible by --n_head"),
+    "missing data": (["--data", "no/such/dir"], "does not exist"),
+    "truncated shard": (["--data", "SHARDS"], "is truncated"),
+    "bad checkpoint": (["--resume", "GARBAGE"], "cannot load checkpoint"),
+    "missing checkpoint": (["--resume", "no_such.pt"], "no such file"),
+    "no cuda": (["--device", "cuda"], "no CUDA device"),
+    "negative steps": (["--max_steps", "-3"], "must be positive"),
+}
+
+
+def without_device(flags):
+    i = flags.index("--device")
+    return flags[:i] + flags[i + 2:]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_error(tmp_path, case):
+    flags, message = BAD_INPUTS[case]
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    stand_ins = {"SHARDS": lambda: str(bad_shard_dir(tmp_path)), "GARBAGE": lambda: str(garbage)}
+    flags = [stand_ins[f]() if f in stand_ins else f for f in flags]
+    base = without_device(TINY) if case == "no cuda" else TINY
+    if "--max_steps" not in flags:
+        flags += ["--max_steps", "2"]
+    r = run_script("train_gpt2.py", *base, *flags, "--log_dir", tmp_path / "log", cwd=tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("train_gpt2.py: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "log" / "log.txt").exists()
