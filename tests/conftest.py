@@ -9,7 +9,8 @@ sys.path.insert(0, str(REPO))
 
 # a GPT small enough that a CPU step takes milliseconds; vocab stays GPT-2's (padded) so real tokens fit
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--T", "16", "--B", "4",
-        "--device", "cpu", "--hellaswag", "0", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_steps", "2"]
+        "--device", "cpu", "--hellaswag", "0", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_steps", "2",
+        "--total_batch_size", "128"]  # 2 micro steps on one process, 1 on two
 
 
 def env_for_tests(**extra):

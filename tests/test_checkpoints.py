@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import REPO, TINY, env_for_tests, read_log, run_script
 from test_ddp import torchrun
 
-LONG = [*TINY, "--max_steps", "24", "--checkpoint_interval", "8", "--eval_interval", "8"]
+LONG = [*TINY, "--max_steps", "40", "--checkpoint_interval", "8", "--eval_interval", "8"]
 
 
 def train_lines(log_dir):
@@ -46,19 +46,19 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, reference):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = (log_dir / "log.txt").read_text()
-    assert "7 train" in before and "24 val" not in before  # killed mid-run
+    assert "7 train" in before and "40 val" not in before  # killed mid-run
     r = run_script("train_gpt2.py", *LONG, "--log_dir", log_dir, "--resume", "auto", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     after = (log_dir / "log.txt").read_text()
     assert after.startswith(before)  # appended to, never truncated
     assert train_lines(log_dir) == train_lines(reference)  # the same loss strings, bit for bit
-    assert len(train_lines(log_dir)) == 24
+    assert len(train_lines(log_dir)) == 40
 
 
 def test_checkpoint_holds_plain_weights_optimizer_loader_and_rng(reference):
-    ckpt = torch.load(reference / "model_00024.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 24 and ckpt["config"]["n_layer"] == 2
+    ckpt = torch.load(reference / "model_00040.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["config"]["n_layer"] == 2
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["optimizer"]["state"]  # AdamW moments
     assert ckpt["train_loader"][0]["current_position"] >= 0
@@ -141,7 +141,7 @@ def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_undisturbed_
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
     calm_lines, faulty_lines = train_lines(tmp_path / "calm"), train_lines(log_dir)
-    assert faulty_lines == calm_lines and len(calm_lines) == 24
+    assert faulty_lines == calm_lines and len(calm_lines) == 40
 
 
 def small_hf_dir(tmp_path):
@@ -166,7 +166,7 @@ def test_finetune_from_a_local_transformers_model(tmp_path):
 
 
 def test_sampling_is_reproducible_for_a_seed(reference, tmp_path):
-    ckpt = reference / "model_00024.pt"
+    ckpt = reference / "model_00040.pt"
     runs = [run_script("train_gpt2.py", "--init_from", ckpt, "--sample", "Hello, I'm a language model,",
                        "--num_samples", "2", "--max_new_tokens", "12", "--seed", seed, "--device", "cpu", cwd=tmp_path)
             for seed in ("7", "7", "8")]
@@ -181,11 +181,11 @@ def test_sampling_is_reproducible_for_a_seed(reference, tmp_path):
 def test_export_loads_in_transformers_with_the_same_logits(reference, tmp_path):
     from train_gpt2 import GPT
     out = tmp_path / "exported"
-    r = run_script("train_gpt2.py", "--init_from", reference / "model_00024.pt", "--export_hf", out, cwd=tmp_path)
+    r = run_script("train_gpt2.py", "--init_from", reference / "model_00040.pt", "--export_hf", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    ours = GPT.from_pretrained(str(reference / "model_00024.pt")).eval()
+    ours = GPT.from_pretrained(str(reference / "model_00040.pt")).eval()
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4

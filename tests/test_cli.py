@@ -90,3 +90,28 @@ def test_bad_input_gives_one_line_error(tmp_path, case):
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("train_gpt2.py: error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "log" / "log.txt").exists()
+
+
+def test_tokenizer_replaces_a_corrupt_cache_file(tmp_path):
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"half a file")
+    code = "from gpt2_tokenizer import get_encoding; print(get_encoding().encode('hello world'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=env_for_tests(TIKTOKEN_CACHE_DIR=str(tmp_path / "cache")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[31373, 995]"
+
+
+def test_a_new_run_moves_the_earlier_run_aside(tmp_path):
+    log_dir = tmp_path / "log"
+    first = run_script("train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", log_dir, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    first_log = (log_dir / "log.txt").read_text()
+    second = run_script("train_gpt2.py", *TINY, "--max_steps", "3", "--log_dir", log_dir, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    moved = list(log_dir.glob("previous-*"))
+    assert len(moved) == 1 and "moved its log.txt and checkpoints" in second.stdout
+    assert (moved[0] / "log.txt").read_text() == first_log
+    assert (moved[0] / "model_00002.pt").exists()
+    assert "2 train" in (log_dir / "log.txt").read_text() and (log_dir / "model_00003.pt").exists()
