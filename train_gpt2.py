@@ -558,7 +558,7 @@ def pick_preset(requested, device_type, data):
 
 
 def resolve_config(args, device_type, world_size, ckpt_args=None):
-    """Recipe < preset < the checkpoint's own values on resume < flags given. Returns (cfg dict, preset message)."""
+    """Recipe < preset < the checkpoint's own values on resume < flags given. Returns (cfg, preset name, why)."""
     default_data = os.path.join(HERE, "edu_fineweb10B")
     data = args.data or (ckpt_args or {}).get("data") or default_data
     preset, why = pick_preset(args.preset, device_type, data)
@@ -642,7 +642,7 @@ def sample_main(args):
     model.to(device).eval()
     enc = get_encoding()
     tokens = enc.encode(args.sample) or [50256]  # an empty prompt starts from <|endoftext|>
-    max_length = min(len(tokens) + args.max_new_tokens, 10**9)
+    max_length = len(tokens) + args.max_new_tokens
     x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 42)
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -805,7 +805,10 @@ def train(args):
         old = [f for f in os.listdir(log_dir) if f == "log.txt" or (f.startswith("model_") and f.endswith(".pt"))]
         if old and not args.resume:
             # a new run never overwrites an old one: move the old one aside, whole
-            dest = os.path.join(log_dir, "previous-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            dest = base = os.path.join(log_dir, "previous-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            n = 1
+            while os.path.exists(dest):  # two runs started within a second
+                dest, n = f"{base}-{n}", n + 1
             os.makedirs(dest)
             for f in old:
                 os.replace(os.path.join(log_dir, f), os.path.join(dest, f))
