@@ -147,22 +147,36 @@ def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_undisturbed_
 def small_hf_dir(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():  # weights far from a fresh init, so only a faithful copy gives transformers' loss
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
     model.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
 
 
 def test_finetune_from_a_local_transformers_model(tmp_path):
+    from gpt2_tokenizer import get_encoding
     hf_dir = small_hf_dir(tmp_path)
-    r = run_script("train_gpt2.py", "--init_from", hf_dir, "--block_size", "32", "--T", "32", "--B", "2", "--val_steps", "2",
-                   "--device", "cpu", "--max_steps", "3", "--log_dir", tmp_path / "log", cwd=tmp_path)
+    r = run_script("train_gpt2.py", "--init_from", hf_dir, "--block_size", "32", "--T", "32", "--B", "2",
+                   "--val_steps", "2", "--total_batch_size", "64", "--device", "cpu", "--max_steps", "3",
+                   "--log_dir", tmp_path / "log", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)
     assert ckpt["config"] == {"block_size": 32, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    # the fine-tuned model started from the transformers weights: step 0's val loss is theirs
+    # step 0's val loss is transformers' own loss on the same two val batches: the weights came across intact
+    tokens = get_encoding().encode_ordinary((REPO / "input.txt").read_text(encoding="utf-8"))
+    val = torch.tensor(tokens[int(0.9 * len(tokens)):], dtype=torch.long)
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    assert hf.config.n_positions == 64  # the crop to 32 happened on our copy only
-    log = read_log(tmp_path / "log" / "log.txt")
-    assert float(log[(0, "val")]) == pytest.approx(10.83, abs=0.1)  # near log(50257): a random small model
+    losses = []
+    with torch.no_grad():
+        for start in (0, 64):  # B*T = 64 tokens a batch
+            buf = val[start:start + 65]
+            x, y = buf[:-1].view(2, 32), buf[1:].view(2, 32)
+            logits = hf(x).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
+    expected = sum(losses) / 2
+    assert abs(expected - 10.83) > 0.5  # far from a uniform guess, so the check can tell
+    assert float(read_log(tmp_path / "log" / "log.txt")[(0, "val")]) == pytest.approx(expected, abs=2e-4)
 
 
 def test_sampling_is_reproducible_for_a_seed(reference, tmp_path):
