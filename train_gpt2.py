@@ -31,8 +31,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2_tokenizer import EOT, get_encoding
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# OpenAI's checkpoints keep these four as Conv1D, i.e. (in, out); nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class UsageError(Exception):
@@ -194,11 +198,9 @@ class GPT(nn.Module):
         if set(sd_hf) != set(sd):
             raise UsageError(f"unexpected GPT-2 weights: missing {sorted(set(sd) - set(sd_hf))[:3]}, "
                              f"extra {sorted(set(sd_hf) - set(sd))[:3]}")
-        # OpenAI's checkpoints keep these four as Conv1D, i.e. (in, out); nn.Linear wants (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
-                v = v.t() if k.endswith(transposed) else v
+                v = v.t() if k.endswith(CONV1D_WEIGHTS) else v
                 assert v.shape == sd[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(sd[k].shape)}"
                 sd[k].copy_(v)
         return model
@@ -209,13 +211,12 @@ class GPT(nn.Module):
         c = self.config
         config_hf = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                                n_head=c.n_head, activation_function="gelu_new", tie_word_embeddings=True,
-                               bos_token_id=50256, eos_token_id=50256)
+                               bos_token_id=EOT, eos_token_id=EOT)
         model_hf = GPT2LMHeadModel(config_hf)
         sd_hf = model_hf.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in self.state_dict().items():
-                sd_hf[k].copy_(v.t() if k.endswith(transposed) else v)
+                sd_hf[k].copy_(v.t() if k.endswith(CONV1D_WEIGHTS) else v)
         return model_hf
 
     def crop_block_size(self, block_size):
@@ -270,6 +271,21 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.gather(topk_indices, -1, ix)), dim=1)
         return idx
 
+    def generate_text(self, prompt, num_samples=4, max_length=32, seed=42, top_k=50, temperature=1.0, bf16=False):
+        """num_samples continuations of prompt, each max_length tokens in all (prompt included), as strings:
+        the training loop's samples and the --sample command."""
+        enc = get_encoding()
+        device = self.lm_head.weight.device
+        tokens = enc.encode(prompt) or [EOT]  # an empty prompt starts from <|endoftext|>
+        idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+        rng = torch.Generator(device=device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            idx = self.generate(idx, max_length, top_k=top_k, temperature=temperature, generator=rng)
+        self.train(was_training)
+        return [enc.decode(row.tolist()) for row in idx]
+
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards written by fineweb.py, or a plain text file
@@ -295,7 +311,6 @@ def load_text_split(path, split):
     """A .txt file as GPT-2 tokens: the first 90% for train, the rest for val (as nanoGPT's Shakespeare)."""
     key = (os.path.abspath(path), os.path.getmtime(path))
     if key not in _TEXT_CACHE:
-        from gpt2_tokenizer import get_encoding
         with open(path, encoding="utf-8") as f:
             text = f.read()
         _TEXT_CACHE[key] = np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
@@ -306,6 +321,20 @@ def load_text_split(path, split):
 
 def find_shards(data_root, split):
     return sorted(f for f in glob.glob(os.path.join(data_root, "*.npy")) if split in os.path.basename(f))
+
+
+DEFAULT_DATA = os.path.join(HERE, "edu_fineweb10B")  # where fineweb.py writes
+FALLBACK_TEXT = os.path.join(HERE, "input.txt")
+
+
+def resolve_data(data_root=None):
+    """Where the tokens come from: (path, note). A directory without shards, or the default FineWeb directory
+    before fineweb.py has made it, means input.txt, and the note says so; otherwise the note is None."""
+    data_root = data_root or DEFAULT_DATA
+    no_shards = os.path.isdir(data_root) and not (find_shards(data_root, "train") or find_shards(data_root, "val"))
+    if no_shards or (data_root == DEFAULT_DATA and not os.path.exists(data_root)):
+        return FALLBACK_TEXT, f"no token shards in {data_root} (python fineweb.py makes them): using {FALLBACK_TEXT}"
+    return data_root, None
 
 
 class DataLoaderLite:
@@ -319,12 +348,9 @@ class DataLoaderLite:
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split = split
-        data_root = data_root or os.path.join(HERE, "edu_fineweb10B")
-        if os.path.isdir(data_root) and not find_shards(data_root, "train") and not find_shards(data_root, "val"):
-            if master_process:
-                print(f"no token shards in {data_root}: using {os.path.join(HERE, 'input.txt')} "
-                      f"(run fineweb.py to make FineWeb-Edu shards)")
-            data_root = os.path.join(HERE, "input.txt")
+        data_root, note = resolve_data(data_root)
+        if note and master_process:
+            print(note)
         self.data_root = data_root
         if os.path.isfile(data_root):
             self.shard_names = [f"{data_root}[{split}]"]
@@ -450,9 +476,13 @@ def save_atomic(obj, path):
 
 
 def latest_checkpoint(log_dir):
-    ckpts = glob.glob(os.path.join(log_dir, "model_*.pt"))
-    ckpts = [c for c in ckpts if os.path.basename(c)[6:-3].isdigit()]
-    return max(ckpts, key=lambda c: int(os.path.basename(c)[6:-3])) if ckpts else None
+    """The newest log_dir/model_XXXXX.pt by step, or None."""
+    steps = {}
+    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
+        step = os.path.basename(path)[len("model_"):-len(".pt")]
+        if step.isdigit():
+            steps[int(step)] = path
+    return steps[max(steps)] if steps else None
 
 
 def rng_state():
@@ -489,6 +519,12 @@ PRESETS = {
                             checkpoint_interval=800, hellaswag=False),
 }
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def shape_clash(args, config, skip=()):
+    """The model-shape flags given that contradict config: {name: (config's value, the flag's value)}."""
+    given = {k: getattr(args, k) for k in MODEL_KEYS if k not in skip and getattr(args, k) is not None}
+    return {k: (getattr(config, k), v) for k, v in given.items() if v != getattr(config, k)}
 
 
 def str2bool(s):
@@ -559,8 +595,10 @@ def pick_preset(requested, device_type, data):
 
 def resolve_config(args, device_type, world_size, ckpt_args=None):
     """Recipe < preset < the checkpoint's own values on resume < flags given. Returns (cfg, preset name, why)."""
-    default_data = os.path.join(HERE, "edu_fineweb10B")
-    data = args.data or (ckpt_args or {}).get("data") or default_data
+    data = args.data or (ckpt_args or {}).get("data") or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise UsageError(f"--data {data} does not exist; give a directory of shards (python fineweb.py makes "
+                         f"edu_fineweb10B/) or a .txt file")
     preset, why = pick_preset(args.preset, device_type, data)
     cfg = dict(RECIPE)
     cfg.update(PRESETS[preset])
@@ -569,13 +607,9 @@ def resolve_config(args, device_type, world_size, ckpt_args=None):
     cfg.update({k: getattr(args, k) for k in RECIPE if getattr(args, k, None) is not None})
     if args.min_lr is None and not (ckpt_args and ckpt_args.get("min_lr") is not None):
         cfg["min_lr"] = cfg["max_lr"] * 0.1
-    cfg["data"] = data
-    if not os.path.exists(data):
-        if args.data or (ckpt_args or {}).get("data"):
-            raise UsageError(f"--data {data} does not exist; give a directory of shards (python fineweb.py makes "
-                             f"edu_fineweb10B/) or a .txt file")
-        cfg["data"] = os.path.join(HERE, "input.txt")  # the default FineWeb directory is simply not made yet
-        why += f"; no token shards in {data} (python fineweb.py makes them), so the data is {cfg['data']}"
+    cfg["data"], note = resolve_data(data)  # resolved once here, so the loaders below say nothing more
+    if note:
+        why += "; " + note
     return cfg, preset, why
 
 
@@ -633,24 +667,17 @@ def load_model_for_inference(args):
 
 
 def sample_main(args):
-    from gpt2_tokenizer import get_encoding
     device = pick_device(args.device)
-    device_type = device.split(":")[0]
     if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.top_k <= 0 or args.temperature <= 0:
         raise UsageError("--num_samples, --max_new_tokens, --top_k and --temperature must be positive")
     model, source = load_model_for_inference(args)
-    model.to(device).eval()
-    enc = get_encoding()
-    tokens = enc.encode(args.sample) or [50256]  # an empty prompt starts from <|endoftext|>
-    max_length = len(tokens) + args.max_new_tokens
-    x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(args.num_samples, 1)
-    gen = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 42)
-    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model.generate(x, max_length, top_k=args.top_k, temperature=args.temperature, generator=gen)
+    model.to(device)
+    max_length = len(get_encoding().encode(args.sample) or [EOT]) + args.max_new_tokens
+    texts = model.generate_text(args.sample, args.num_samples, max_length, seed=args.seed if args.seed is not None else 42,
+                                top_k=args.top_k, temperature=args.temperature, bf16=device.startswith("cuda"))
     print(f"sampling from {source}")
-    for i in range(args.num_samples):
-        print(f"sample {i}: {enc.decode(out[i].tolist())}")
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
 
 
 def export_main(args):
@@ -741,24 +768,20 @@ def train(args):
     # the model: from scratch (vocab padded to 50304: a multiple of 64 makes the kernels faster), or pretrained
     if ckpt is not None:  # resuming: the checkpoint fixes the model's shape, and flags may not contradict it
         config = GPTConfig(**ckpt["config"])
-        given = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
-        mismatch = {k: (getattr(config, k), v) for k, v in given.items() if v != getattr(config, k)}
-        if mismatch:
+        clash = shape_clash(args, config)
+        if clash:
             raise UsageError(f"checkpoint {resume_path} holds a model with " +
-                             ", ".join(f"{k}={a}" for k, (a, b) in mismatch.items()) + " but the flags ask for " +
-                             ", ".join(f"{k}={b}" for k, (a, b) in mismatch.items()) + "; drop those flags to resume")
+                             ", ".join(f"{k}={have}" for k, (have, asked) in clash.items()) + " but the flags ask for " +
+                             ", ".join(f"{k}={asked}" for k, (have, asked) in clash.items()) + "; drop those flags to resume")
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     elif args.init_from:
         model = GPT.from_pretrained(args.init_from)
-        given = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None and k != "block_size"}
-        clash = {k: (v, getattr(model.config, k)) for k, v in given.items() if v != getattr(model.config, k)}
+        clash = shape_clash(args, model.config, skip=("block_size",))  # a smaller block_size crops, below
         if clash:
             raise UsageError(f"--init_from {args.init_from} fixes the model shape; drop the flags {sorted(clash)}")
         if args.block_size is not None and args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)
-        if T > model.config.block_size:
-            raise UsageError(f"--T {T} is longer than the block size {model.config.block_size} of {args.init_from}")
         print0(f"initialised from {args.init_from}")
     else:
         model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
@@ -871,16 +894,9 @@ def train(args):
 
             # a few samples from the model, to see it learn to write (eager: see GPT.generate)
             if step > 0:
-                raw_model.eval()
-                from gpt2_tokenizer import get_encoding
-                enc = get_encoding()
-                xgen = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)
-                xgen = xgen.unsqueeze(0).repeat(4, 1)
-                sample_rng = torch.Generator(device=device).manual_seed(42 + ddp_rank)
-                with autocast():
-                    xgen = raw_model.generate(xgen, 32, top_k=50, generator=sample_rng)
-                for i in range(4):
-                    print(f"rank {ddp_rank} sample {i}: {enc.decode(xgen[i].tolist())}", flush=True)
+                samples = raw_model.generate_text("Hello, I'm a language model,", 4, 32, seed=42 + ddp_rank, bf16=use_bf16)
+                for i, text in enumerate(samples):
+                    print(f"rank {ddp_rank} sample {i}: {text}", flush=True)
 
         # checkpoints: everything a resumed run needs to continue exactly as if never stopped
         if not bench and not fresh and step > 0 and (step % cfg["checkpoint_interval"] == 0 or last_step):
@@ -931,7 +947,7 @@ def train(args):
         if device_type == "cuda":
             torch.cuda.synchronize()  # wait for the GPU, so the time below is the step's real time
         dt = time.time() - t0
-        loss_value, norm = loss_accum.item(), norm.item()
+        loss_value, norm = torch.stack([loss_accum, norm.float()]).tolist()  # one copy to the host
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             # the update just taken may have broken the weights, so stop before anything saves them
             what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {norm}"
