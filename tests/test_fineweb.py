@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import fineweb  # noqa: E402
-from gpt2_tokenizer import EOT, get_encoding  # noqa: E402
+import fineweb
+from conftest import REPO, run_script
+from gpt2_tokenizer import EOT, get_encoding
 
 SHARD = 1000  # tokens per shard in these tests
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
@@ -80,8 +78,7 @@ def env(tmp, **extra):
 
 def cli(tmp, *args, ok=True, **extra_env):
     """Run python fineweb.py ARGS; with ok, assert it succeeded; return the CompletedProcess."""
-    cmd = [sys.executable, str(REPO / "fineweb.py"), *map(str, args)]
-    r = subprocess.run(cmd, env=env(tmp, **extra_env), capture_output=True, text=True, timeout=120)
+    r = run_script("fineweb.py", *args, env=env(tmp, **extra_env), timeout=120)
     if ok:
         assert r.returncode == 0, r.stderr
     return r

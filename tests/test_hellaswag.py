@@ -5,8 +5,6 @@ import http.server
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,12 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import hellaswag  # noqa: E402
-from gpt2_tokenizer import get_encoding  # noqa: E402
-from train_gpt2 import GPT, GPTConfig  # noqa: E402
+import hellaswag
+from conftest import run_script
+from gpt2_tokenizer import get_encoding
+from train_gpt2 import GPT, GPTConfig
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
@@ -100,8 +96,7 @@ def clean_env(data_dir, **extra):
 
 
 def run_cli(args, env, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("hellaswag.py", *args, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture
@@ -323,8 +318,7 @@ def test_training_warns_once_and_goes_on_when_hellaswag_is_unavailable(tmp_path)
             "--total_batch_size", "32", "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--block_size", "16",
             "--max_steps", "2", "--eval_interval", "1", "--val_steps", "1", "--warmup_steps", "1",
             "--hellaswag", "1", "--compile", "0"]
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *args], env=clean_env(tmp_path / "empty"),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = run_script("train_gpt2.py", *args, cwd=tmp_path, env=clean_env(tmp_path / "empty"), timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("warning: HellaSwag is unavailable, training goes on without it") == 1
     assert "step     1" in r.stdout and (tmp_path / "log" / "model_00002.pt").exists()

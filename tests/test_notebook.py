@@ -6,12 +6,12 @@ log/notebook-demo/) never lands in the repository. Needs nbclient and ipykernel 
 import json
 import os
 import shutil
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 NOTEBOOK = REPO / "play.ipynb"
 NEEDED = ["play.ipynb", "train_gpt2.py", "gpt2_tokenizer.py", "input.txt"]
 OPTIONAL = ["hellaswag.py"]
