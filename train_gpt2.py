@@ -708,7 +708,7 @@ def train(args):
     master_process = ddp_rank == 0  # this process logs, evaluates to the log file and writes checkpoints
     device = pick_device(args.device)
     device_type = device.split(":")[0]
-    if ddp and device_type == "cuda":
+    if device == "cuda":  # set_device needs an index: cuda:0 for one GPU, LOCAL_RANK's under torchrun
         device = f"cuda:{ddp_local_rank}"
 
     def print0(*a, **kw):

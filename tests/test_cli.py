@@ -1,5 +1,6 @@
 """train_gpt2.py as a user runs it: the smoke run, the preset, the offline tokenizer, one-line errors."""
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -115,3 +116,36 @@ def test_a_new_run_moves_the_earlier_run_aside(tmp_path):
     assert (moved[0] / "log.txt").read_text() == first_log
     assert (moved[0] / "model_00002.pt").exists()
     assert "2 train" in (log_dir / "log.txt").read_text() and (log_dir / "model_00003.pt").exists()
+
+
+def first_cuda_call(tmp_path, env=()):
+    """train_gpt2.main with torch.cuda saying a GPU is there, up to its first CUDA call (set_device, which ends the
+    run): the calls made before it, and set_device's argument."""
+    script = f"""
+import json, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+calls = []
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+dist.init_process_group = lambda backend, **kw: calls.append(["init_process_group", backend])
+def set_device(device):
+    calls.append(["set_device", str(device)])
+    print("CALLS " + json.dumps(calls), flush=True)
+    os._exit(0)
+torch.cuda.set_device = set_device
+import train_gpt2
+train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir", "log"]!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=env_for_tests(**dict(env)))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.split("CALLS ")[1])
+
+
+def test_one_gpu_start_up_sets_an_indexed_device(tmp_path):
+    assert first_cuda_call(tmp_path) == [["set_device", "cuda:0"]]
+
+
+def test_torchrun_start_up_sets_the_local_ranks_device(tmp_path):
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    assert first_cuda_call(tmp_path, env) == [["init_process_group", "nccl"], ["set_device", "cuda:1"]]
