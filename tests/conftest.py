@@ -1,35 +1,154 @@
-"""Shared helpers for the tests: the repo's path, a tiny model's flags, running the real scripts."""
+"""Shared by the tests: the repo's path, a tiny model's flags, the real scripts run as subprocesses, and the training
+runs that many tests read (each made once per session)."""
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
+
+# each test process computes on one thread (the suite runs on two processes, one per core)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# a GPT small enough that a CPU step takes milliseconds; vocab stays GPT-2's (padded) so real tokens fit
+# a GPT small enough that a CPU step takes milliseconds; the vocabulary stays GPT-2's (padded) so real tokens fit
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--T", "16", "--B", "4",
         "--device", "cpu", "--hellaswag", "0", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_steps", "2",
         "--total_batch_size", "128"]  # 2 micro steps on one process, 1 on two
+# the shared run's flags
+RUN = [*TINY, "--max_lr", "1e-2", "--max_steps", "24", "--eval_interval", "8", "--checkpoint_interval", "8"]
 
 
 def env_for_tests(**extra):
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    env.update(extra)
+    env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def run_script(*args, cwd=None, env=None, timeout=240):
-    """Run python REPO/<args[0]> <args[1:]> and return the CompletedProcess (text output captured)."""
+def offline_env(tmp_path, **extra):
+    """An environment in which any network connection fails at once: a sitecustomize that every Python process
+    started with it loads first. (A download attempt, where none should be, fails the test.)"""
+    guard = tmp_path / "no-network"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _blocked(*args, **kwargs):\n"
+        "    raise OSError('network access blocked by the test')\n"
+        "socket.socket.connect = socket.socket.connect_ex = _blocked\n"
+        "socket.create_connection = _blocked\n")
+    env = env_for_tests(**extra)
+    env.pop("HF_HUB_OFFLINE")
+    env["PYTHONPATH"] = os.pathsep.join([str(guard), str(REPO)])
+    return env
+
+
+def run_script(*args, cwd=None, env=None, timeout=300):
+    """python REPO/<args[0]> <args[1:]>, its output captured."""
     cmd = [sys.executable, str(REPO / args[0]), *map(str, args[1:])]
     return subprocess.run(cmd, cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun_cmd(nproc, *args, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            str(REPO / "train_gpt2.py"), *map(str, args)]
+
+
+def torchrun(nproc, *args, cwd, extra=(), timeout=300):
+    return subprocess.run(torchrun_cmd(nproc, *args, extra=extra), cwd=cwd, env=env_for_tests(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def read_log(path):
-    """log.txt as {(step, kind): value-string}; a resumed run appends, so the last line of a step wins."""
+    """log.txt as {(step, kind): value-string}; where a resumed run logged a step again, the last line wins."""
     out = {}
     for line in Path(path).read_text().splitlines():
         step, kind, value = line.split()
         out[(int(step), kind)] = value
     return out
+
+
+def train_losses(log_dir):
+    return {k[0]: float(v) for k, v in read_log(Path(log_dir) / "log.txt").items() if k[1] == "train"}
+
+
+def start(cmd, cwd, env=None):
+    """A process in a session of its own (its whole group can be signalled), stdout and stderr in one pipe."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env or env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_line(proc, needle, timeout=120):
+    """Read the process's output until a line holds `needle`; return all lines read so far."""
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return lines
+        assert time.time() < deadline, f"no line with {needle!r} within {timeout}s"
+    pytest.fail(f"the process ended without a line with {needle!r}:\n{''.join(lines)[-3000:]}")
+
+
+def finish(proc, timeout=120):
+    """The rest of the process's output, once it has ended (killed if it takes longer than timeout)."""
+    watchdog = threading.Timer(timeout, kill_group, [proc])
+    watchdog.start()
+    try:
+        out = proc.stdout.read()  # (not communicate(timeout=...): it would skip what the pipe's reader buffered)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """One tiny 24-step run (checkpoints at 8, 16, 24): the yardstick for resumed runs, and the model that the
+    sampling, export and evaluation tests load."""
+    d = tmp_path_factory.mktemp("shared")
+    r = run_script("train_gpt2.py", *RUN, "--log_dir", d / "log", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return d / "log", r
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """The shared run's flags on 2 gloo processes through torchrun: the yardstick for the multi-process tests."""
+    d = tmp_path_factory.mktemp("ddp")
+    r = torchrun(2, *RUN, "--log_dir", d / "log", cwd=d)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return d / "log", r
+
+
+def kill_group(proc, sig=signal.SIGKILL):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory that cannot be written, by root too: chmod 555, and where that is not enough (root), a read-only
+    tmpfs mounted on it."""
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    mounted = False
+    try:
+        (d / "probe").touch()
+        (d / "probe").unlink()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)]).returncode == 0
+        if not mounted:
+            pytest.skip("no way to make a read-only directory here (root, and mount is not allowed)")
+    except PermissionError:
+        pass
+    yield d
+    if mounted:
+        subprocess.run(["umount", str(d)])
+    d.chmod(0o755)

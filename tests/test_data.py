@@ -1,10 +1,12 @@
-"""DataLoaderLite: rank striding, shard rollover, no overlap between ranks, the input.txt fallback, bad shards."""
+"""DataLoaderLite: rank striding, shards switched by all ranks at once, one global position (resume on another number
+of processes), the input.txt fallback, bad shards, and the shuffled epochs."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
-from train_gpt2 import DataLoaderLite, UsageError
+from gpt2_tokenizer import EOT, get_encoding
+from train_gpt2 import DataLoaderLite, UsageError, find_data
 
 B, T = 2, 8  # 16 tokens a block, 17 read per batch
 
@@ -13,119 +15,166 @@ def write_shards(root, lengths):
     """Shard k holds k*10000 + 0..len-1, so a token's value tells which shard and position it came from."""
     root.mkdir(exist_ok=True)
     for k, n in enumerate(lengths):
-        split = "val" if k == 0 else "train"
-        np.save(root / f"edufineweb_{split}_{k:06d}.npy", (k * 10000 + np.arange(n)).astype(np.uint16))
+        name = f"edufineweb_{'val' if k == 0 else 'train'}_{k:06d}.npy"
+        np.save(root / name, (k * 10000 + np.arange(n)).astype(np.uint16))
     return root
 
 
 def where(x):
-    """(shard, position) of a batch from the value of its first token."""
     v = int(x[0, 0])
     return v // 10000, v % 10000
 
 
 def test_rank_reads_its_block_then_strides_by_world_size(tmp_path):
-    root = write_shards(tmp_path / "d", [100, 1000])
-    loader = DataLoaderLite(B, T, process_rank=1, num_processes=3, split="train", data_root=str(root))
+    root = str(write_shards(tmp_path / "d", [100, 1000]))
+    loader = DataLoaderLite(B, T, process_rank=1, num_processes=3, data_root=root)
     x, y = loader.next_batch()
     assert x.shape == (B, T) and x.dtype == torch.long
     assert torch.equal(x.flatten(), torch.arange(10016, 10032))  # B*T tokens from position B*T*rank
-    assert torch.equal(y.flatten(), torch.arange(10017, 10033))  # the same shifted by one
-    x, _ = loader.next_batch()
-    assert where(x) == (1, 16 + 48)  # advanced by B*T*num_processes
+    assert torch.equal(y.flatten(), torch.arange(10017, 10033))  # the same, shifted by one
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()  # one buffer, one copy: x, y are views
+    assert where(loader.next_batch()[0]) == (1, 16 + 48)  # advanced by B*T*num_processes
 
 
-def test_ranks_cover_every_block_that_fits_once_and_roll_over(tmp_path):
-    # train shards of 1000 and 40 tokens: blocks start every 16 tokens and need 17
-    root = write_shards(tmp_path / "d", [100, 1000, 40])
-    W = 3
-    seen = {}
-    for rank in range(W):
-        loader = DataLoaderLite(B, T, process_rank=rank, num_processes=W, split="train", data_root=str(root))
-        reads = []
-        while True:
-            x, _ = loader.next_batch()
-            if reads and where(x) == reads[0]:
-                break  # wrapped around to the first read
-            reads.append(where(x))
-        seen[rank] = reads
-        assert reads[0] == (1, 16 * rank)
-    # in the 1000-token shard, blocks 0..61 fit (61*16+17 = 993 <= 1000; 62*16+17 = 1009 does not)
-    for shard, n_blocks in ((1, 62), (2, 2)):  # the 40-token shard: blocks 0 and 1 fit (16+17 = 33), 2 does not
-        per_rank = [{p for s, p in seen[r] if s == shard} for r in range(W)]
-        union = set().union(*per_rank)
-        assert union == {16 * j for j in range(n_blocks)}, shard
-        assert sum(len(s) for s in per_rank) == len(union)  # no block read by two ranks
-        for r in range(W):
-            assert all(p % (16 * W) == 16 * r for p in per_rank[r])
+def test_ranks_read_disjoint_blocks_and_switch_shards_together(tmp_path):
+    # train shards of 1000 and 100 tokens; a stride of 3 ranks is 48 tokens and needs 49
+    root = write_shards(tmp_path / "d", [100, 1000, 100])
+    loaders = [DataLoaderLite(B, T, r, 3, data_root=str(root)) for r in range(3)]
+    schedule = [[where(loader.next_batch()[0]) for loader in loaders] for _ in range(26)]
+    # shard 1: strides at 0, 48, ... 912 (960 + 49 > 1000): 20 steps; shard 2: 0 and 48 (96 + 49 > 100); shard 1 again
+    expected = [(1, 48 * k) for k in range(20)] + [(2, 0), (2, 48)] + [(1, 48 * k) for k in range(4)]
+    for step, reads in enumerate(schedule):
+        shard, pos = expected[step]
+        assert reads == [(shard, pos + 16 * r) for r in range(3)], step
 
 
 def test_no_read_runs_past_the_end(tmp_path):
-    root = write_shards(tmp_path / "d", [100, 50, 33])
-    loader = DataLoaderLite(B, T, split="train", data_root=str(root))
+    loader = DataLoaderLite(B, T, data_root=str(write_shards(tmp_path / "d", [100, 50, 33])))
     for _ in range(20):
         x, y = loader.next_batch()
         shard, pos = where(x)
-        # y's last token is the 17th token read: it must still belong to the same shard
-        assert int(y[-1, -1]) == shard * 10000 + pos + 16
+        assert int(y[-1, -1]) == shard * 10000 + pos + 16  # the 17th token read still belongs to the same shard
 
 
-def test_val_split_reads_shard_zero(tmp_path):
-    root = write_shards(tmp_path / "d", [100, 1000])
-    loader = DataLoaderLite(B, T, split="val", data_root=str(root))
+def test_val_split_reads_shard_zero_and_reset_starts_over(tmp_path):
+    loader = DataLoaderLite(B, T, split="val", data_root=str(write_shards(tmp_path / "d", [100, 1000])))
     assert where(loader.next_batch()[0]) == (0, 0)
     loader.next_batch()
     loader.reset()
     assert where(loader.next_batch()[0]) == (0, 0)
 
 
-def test_state_dict_resumes_the_same_batches(tmp_path):
+def test_state_dict_resumes_the_same_batches_on_another_number_of_processes(tmp_path):
     root = write_shards(tmp_path / "d", [100, 200, 300])
-    a = DataLoaderLite(B, T, process_rank=1, num_processes=2, split="train", data_root=str(root))
+    two = [DataLoaderLite(B, T, r, 2, data_root=str(root)) for r in range(2)]
     for _ in range(7):
-        a.next_batch()
-    b = DataLoaderLite(B, T, process_rank=1, num_processes=2, split="train", data_root=str(root))
-    b.load_state_dict(a.state_dict())
-    for _ in range(10):
-        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+        [loader.next_batch() for loader in two]
+    one = DataLoaderLite(B, T, 0, 1, data_root=str(root))
+    one.load_state_dict(two[0].state_dict())
+    for _ in range(3):  # what ranks 0 and 1 read in one micro step, one process reads in two, in the same order
+        for loader in two:
+            assert torch.equal(loader.next_batch()[0], one.next_batch()[0])
 
 
-def test_directory_without_shards_falls_back_to_input_txt(tmp_path, capsys):
-    from gpt2_tokenizer import get_encoding
-    (tmp_path / "empty").mkdir()
-    loader = DataLoaderLite(4, 32, split="train", data_root=str(tmp_path / "empty"))
-    assert "input.txt" in capsys.readouterr().out
+def test_no_data_flag_falls_back_to_input_txt_and_says_so(tmp_path):
+    path, note = find_data(None)
+    assert path == str(REPO / "input.txt") and "python fineweb.py makes them" in note
     tokens = get_encoding().encode_ordinary((REPO / "input.txt").read_text(encoding="utf-8"))
-    x, y = loader.next_batch()
-    assert x.flatten().tolist() == tokens[:128]
-    val = DataLoaderLite(4, 32, split="val", data_root=str(tmp_path / "empty"), master_process=False)
+    assert DataLoaderLite(4, 32, data_root=path).next_batch()[0].flatten().tolist() == tokens[:128]
+    val = DataLoaderLite(4, 32, split="val", data_root=path)
     assert val.next_batch()[0].flatten().tolist() == tokens[int(0.9 * len(tokens)):][:128]
 
 
-def test_truncated_shard_is_named_in_the_error(tmp_path):
+@pytest.mark.parametrize("case, message", [
+    ("empty directory", "holds no .npy shards"), ("one shard", r"give a directory of shards \(not one shard\)"),
+    ("truncated", "edufineweb_train_000001.npy is cut short"), ("float shard", "is not 1-D token ids below vocab_size"),
+    ("2-D shard", "is not 1-D token ids"), ("ids beyond the vocabulary", "below vocab_size 50304"),
+    ("too small", "lower --B or --T"), ("no val shard", "no val shards"), ("not utf-8", "is not UTF-8")])
+def test_bad_data_is_a_usage_error_naming_it(tmp_path, case, message):
     root = write_shards(tmp_path / "d", [100, 1000])
     shard = root / "edufineweb_train_000001.npy"
-    shard.write_bytes(shard.read_bytes()[:1000])  # cut mid-data
-    with pytest.raises(UsageError, match="edufineweb_train_000001.npy is truncated"):
-        DataLoaderLite(B, T, split="train", data_root=str(root))
+    data, W = str(root), 1
+    if case == "empty directory":
+        data = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+    elif case == "one shard":
+        data = str(shard)
+    elif case == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif case == "float shard":
+        np.save(shard, np.arange(1000, dtype=np.float32))
+    elif case == "2-D shard":
+        np.save(shard, np.zeros((10, 100), dtype=np.uint16))
+    elif case == "ids beyond the vocabulary":
+        np.save(shard, np.full(1000, 60000, dtype=np.uint16))
+    elif case == "too small":
+        W = 70
+    elif case == "no val shard":
+        (root / "edufineweb_val_000000.npy").unlink()
+    else:
+        data = str(tmp_path / "latin1.txt")
+        (tmp_path / "latin1.txt").write_bytes("café ".encode("latin-1") * 100)
+    with pytest.raises(UsageError, match=message):
+        DataLoaderLite(B, T, 0, W, split="val" if case == "no val shard" else "train", data_root=data)
 
 
-def test_shard_of_the_wrong_dtype_is_an_error(tmp_path):
+def test_int32_shards_of_gpt2_ids_are_read_as_they_are(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
-    np.save(root / "edufineweb_train_000001.npy", np.arange(1000, dtype=np.int32))
-    with pytest.raises(UsageError, match="uint16"):
-        DataLoaderLite(B, T, split="train", data_root=str(root))
+    np.save(root / "a_train_1.npy", np.arange(100, dtype=np.int32))
+    assert DataLoaderLite(B, T, data_root=str(root)).next_batch()[0].flatten().tolist() == list(range(16))
 
 
-def test_shards_too_small_for_one_step_is_an_error(tmp_path):
-    root = write_shards(tmp_path / "d", [100, 40])
-    with pytest.raises(UsageError, match="lower --B or --T"):
-        DataLoaderLite(B, T, process_rank=0, num_processes=4, split="train", data_root=str(root))
+def document_shards(root, n_shards=3, docs_per_shard=40):
+    """Shards of documents [EOT, 100*d + 1, 100*d + 2, ...] (1 to 12 tokens after the EOT): every token but the EOTs
+    names its document. Like fineweb.py's, a shard may start in the middle of a document."""
+    rng = np.random.default_rng(0)
+    stream = np.concatenate([[EOT] + [100 * d + i for i in range(1, rng.integers(2, 14))]
+                             for d in range(n_shards * docs_per_shard)]).astype(np.uint16)
+    root.mkdir()
+    cuts = np.linspace(0, len(stream), n_shards + 1).astype(int)
+    for k in range(n_shards):
+        np.save(root / f"edufineweb_train_{k + 1:06d}.npy", stream[cuts[k] + 3:cuts[k + 1] + 3] if k < n_shards - 1
+                else stream[cuts[k] + 3:])
+    return set(stream[3:].tolist()) - {EOT}, root
 
 
-def test_missing_val_shards_is_an_error(tmp_path):
-    root = write_shards(tmp_path / "d", [100, 1000])
-    (root / "edufineweb_val_000000.npy").unlink()
-    with pytest.raises(UsageError, match="no val shards"):
-        DataLoaderLite(B, T, split="val", data_root=str(root))
+def read_epoch(loaders):
+    """The tokens all ranks read (x) during their first epoch, in order, and the loaders after it."""
+    seen = []
+    while loaders[0].epoch == 0:
+        for loader in loaders:
+            seen += loader.next_batch()[0].flatten().tolist()
+    return seen
+
+
+def test_shuffled_epoch_reads_every_document_once_in_a_new_order(tmp_path):
+    tokens, root = document_shards(tmp_path / "d")
+    loaders = [DataLoaderLite(2, 4, r, 2, data_root=str(root), shuffle=True, seed=5) for r in range(2)]
+    seen = [t for t in read_epoch(loaders) if t != EOT]
+    assert len(seen) == len(set(seen))  # nothing repeated
+    carried = set(loaders[0].tokens[:len(loaders[0].carry)].tolist()) - {EOT}  # the last shard's unread tail
+    assert set(seen) | carried == tokens and not set(seen) & carried  # nothing lost: the tail opens epoch 1
+    assert len(loaders[0].carry) < 2 * 4 * 2 + 1
+    plain = [t for t in read_epoch([DataLoaderLite(2, 4, r, 2, data_root=str(root)) for r in range(2)]) if t != EOT]
+    assert seen != plain  # shards and documents in another order than the files'
+    docs = [t // 100 for t in seen]
+    assert sorted(set(docs)) != [d for i, d in enumerate(docs) if i == 0 or d != docs[i - 1]]
+    rank0 = {t // 100 for t in DataLoaderLite(2, 4, 0, 2, data_root=str(root), shuffle=True, seed=5).next_batch()[0]
+             .flatten().tolist() if t != EOT}
+    rank1 = {t // 100 for t in loaders[1].next_batch()[0].flatten().tolist() if t != EOT}
+    assert rank0 != rank1  # each rank its own documents
+
+
+def test_shuffle_is_seeded_differs_by_epoch_and_resumes_exactly(tmp_path):
+    _, root = document_shards(tmp_path / "d")
+    a, b = (DataLoaderLite(2, 4, data_root=str(root), shuffle=True, seed=5) for _ in range(2))
+    first = [a.next_batch()[0].tolist() for _ in range(300)]  # several epochs
+    assert first == [b.next_batch()[0].tolist() for _ in range(300)]  # the same seed, the same order
+    epoch0 = [t for t in read_epoch([DataLoaderLite(2, 4, data_root=str(root), shuffle=True, seed=5)])]
+    other = DataLoaderLite(2, 4, data_root=str(root), shuffle=True, seed=6)
+    assert read_epoch([other]) != epoch0
+    resumed = DataLoaderLite(2, 4, data_root=str(root), shuffle=True, seed=5)
+    resumed.load_state_dict(a.state_dict())  # (a is past an epoch's end, with a carried tail)
+    assert a.epoch > 0 and len(a.carry) > 0
+    assert [a.next_batch()[0].tolist() for _ in range(100)] == [resumed.next_batch()[0].tolist() for _ in range(100)]

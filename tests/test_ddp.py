@@ -1,34 +1,43 @@
-"""DDP: a real 2-process gloo run through torchrun equals a 1-process run with the same total batch."""
+"""DDP: 2 gloo processes through torchrun equal 1 process with the same total batch by accumulation, on one launcher
+and on two launchers (two "nodes" on 127.0.0.1)."""
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, TINY, env_for_tests, read_log, run_script
-
-STEPS = ["--max_steps", "6", "--eval_interval", "3", "--total_batch_size", "128"]  # B*T = 64: 2 micro steps in all
+from conftest import REPO, RUN, env_for_tests, read_log, train_losses
 
 
-def torchrun(nproc, *args, cwd, extra=(), timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-           str(REPO / "train_gpt2.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env_for_tests(), capture_output=True, text=True, timeout=timeout)
+def test_two_gloo_ranks_match_one_process_with_accumulation(shared_run, ddp_run):
+    (one, r1), (two, r2) = shared_run, ddp_run
+    assert "gradient accumulation steps: 2" in r1.stdout
+    assert "gradient accumulation steps: 1" in r2.stdout and "device: cpu x 2" in r2.stdout
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(24))
+    for step in a:  # (val losses differ by design: each rank evaluates its own val batches, as in the lecture)
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    lines = (two / "log.txt").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == len(read_log(one / "log.txt"))  # rank 0 alone writes the log
+    assert all(f"rank {r} sample {i}: Hello, I'm a language model," in r2.stdout for r in (0, 1) for i in range(4))
 
 
-def test_two_gloo_ranks_match_one_process_with_accumulation(tmp_path):
-    one = run_script("train_gpt2.py", *TINY, *STEPS, "--log_dir", tmp_path / "one", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    assert "gradient accumulation steps: 2" in one.stdout
-    two = torchrun(2, *TINY, *STEPS, "--log_dir", tmp_path / "two", cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "gradient accumulation steps: 1" in two.stdout and "device: cpu x 2" in two.stdout
-    a, b = read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "two" / "log.txt")
-    assert set(a) == set(b)
-    # val losses differ by design: each rank evaluates its own val_steps batches, as in the lecture
-    train_keys = [k for k in a if k[1] == "train"]
-    assert len(train_keys) == 6
-    for key in train_keys:
-        assert float(b[key]) == pytest.approx(float(a[key]), abs=1e-4), key
-    # only rank 0 writes the log: one line per step and kind
-    lines = (tmp_path / "two" / "log.txt").read_text().splitlines()
-    assert len(lines) == len(set(lines))
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_launchers_as_two_nodes_match_one_launcher(tmp_path, shared_run, ddp_run):
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", str(REPO / "train_gpt2.py"),
+         *RUN, "--log_dir", "log"], cwd=tmp_path, env=env_for_tests(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "device: cpu x 2" in "".join(outputs)
+    assert train_losses(tmp_path / "log") == train_losses(ddp_run[0])  # the same 2 ranks, whatever their launcher
+    one = train_losses(shared_run[0])
+    assert all(loss == pytest.approx(one[step], abs=1e-4) for step, loss in train_losses(tmp_path / "log").items())

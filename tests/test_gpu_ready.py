@@ -1,0 +1,164 @@
+"""What decides speed on a GPU, checked on the CPU over the real training loop: reads from the device per step, the
+memory a micro step keeps, DDP's settings, and torch.compile's recompiles. Each test runs train_gpt2.main in a
+subprocess with the library patched to observe (never the program)."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO, TINY, env_for_tests, torchrun_cmd
+
+OBSERVE = f"""
+import json, sys, traceback, weakref
+import torch
+sys.path.insert(0, {str(REPO)!r})
+import train_gpt2
+events = []
+class Lines:  # the step lines the loop prints, as markers between the events
+    def __init__(self, out):
+        self.out = out
+    def write(self, text):
+        if "| loss:" in text:
+            events.append(["step", int(text.split("|")[0].split()[1])])
+        return self.out.write(text)
+    def flush(self):
+        self.out.flush()
+sys.stdout = Lines(sys.stdout)
+"""
+
+
+def observe(tmp_path, code, flags, env=None, launcher=None):
+    script = tmp_path / "observe.py"
+    script.write_text(OBSERVE + code + f"\ntrain_gpt2.main({[str(f) for f in flags]!r})\n"
+                      "print('EVENTS ' + json.dumps(events), flush=True)\n")
+    cmd = launcher or [sys.executable]
+    r = subprocess.run([*cmd, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=300, env=env_for_tests(**(env or {})))  # (one stream: torch's logs stay in order)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return r.stdout, json.loads(r.stdout.split("EVENTS ")[-1].splitlines()[0])
+
+
+def per_step(events, kind):
+    """{step: how many `kind` events came in that step (after the previous step's line, up to its own)}."""
+    counts, n = {}, 0
+    for event in events:
+        if event[0] == "step":
+            counts[event[1]], n = n, 0
+        elif event[0] == kind:
+            n += 1
+    return counts
+
+
+COUNT_READS = """
+from torch.utils._python_dispatch import TorchDispatchMode
+class Reads(TorchDispatchMode):  # .item(), float(t), bool(t): every read of one value from a tensor
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # (the CPU AdamW reads its step counter, a host tensor on every device; fused AdamW on CUDA does not)
+            if not any("torch/optim/" in frame.filename for frame in traceback.extract_stack()):
+                events.append(["read", str(func)])
+        return func(*args, **(kwargs or {}))
+for name in ("tolist", "cpu", "numpy"):  # and whole tensors to the host
+    def counted(self, *a, _orig=getattr(torch.Tensor, name), _name=name, **kw):
+        events.append(["read", _name])
+        return _orig(self, *a, **kw)
+    setattr(torch.Tensor, name, counted)
+Reads().__enter__()
+"""
+
+
+def test_a_steady_training_step_reads_from_the_device_once(tmp_path):
+    _, events = observe(tmp_path, COUNT_READS, [*TINY, "--max_steps", "6", "--eval_interval", "100", "--log_dir",
+                                                "log"])
+    reads = per_step(events, "read")
+    assert sorted(reads) == list(range(6))
+    assert reads[0] > 1  # step 0 is preceded by the val loss (its .item()): the counter sees reads
+    assert [reads[s] for s in range(1, 6)] == [1] * 5  # loss, norm and the stop flag: one copy per step
+
+
+KEEP_LOGITS = """
+previous = [None]
+forward = train_gpt2.GPT.forward
+def observed(self, idx, targets=None, cache=None):
+    if self.training:  # is the previous micro step's logits tensor still alive as this forward starts?
+        events.append(["alive" if previous[0] is not None and previous[0]() is not None else "freed"])
+    logits, loss = forward(self, idx, targets, cache)
+    if self.training:
+        previous[0] = weakref.ref(logits)
+    return logits, loss
+train_gpt2.GPT.forward = observed
+"""
+
+
+def test_a_micro_step_does_not_keep_the_previous_logits_alive(tmp_path):
+    _, events = observe(tmp_path, KEEP_LOGITS, [*TINY, "--total_batch_size", "256", "--max_steps", "3",
+                                                "--log_dir", "log"])
+    forwards = [e[0] for e in events if e[0] in ("alive", "freed")]
+    assert len(forwards) == 3 * 4 and forwards[1:] == ["freed"] * 11  # 4 micro steps a step
+
+
+WATCH_DDP = """
+from torch.nn.parallel import DistributedDataParallel
+init, forward = DistributedDataParallel.__init__, DistributedDataParallel.forward
+def observed_init(self, *args, **kwargs):
+    events.append(["ddp", {k: v for k, v in kwargs.items() if k != "device_ids"}])
+    init(self, *args, **kwargs)
+def observed_forward(self, *args, **kwargs):
+    if self.training:
+        events.append(["sync" if self.require_backward_grad_sync else "no sync"])
+    return forward(self, *args, **kwargs)
+DistributedDataParallel.__init__, DistributedDataParallel.forward = observed_init, observed_forward
+"""
+
+
+def test_ddp_syncs_gradients_on_the_last_micro_step_only_into_bucket_views(tmp_path):
+    _, events = observe(tmp_path, WATCH_DDP, [*TINY, "--total_batch_size", "384", "--max_steps", "2", "--log_dir",
+                                              "log"], launcher=torchrun_cmd(2)[:-1])
+    assert ["ddp", {"gradient_as_bucket_view": True}] in events
+    assert [e[0] for e in events if "sync" in e[0]] == ["no sync", "no sync", "sync"] * 2  # 3 micro steps a step
+
+
+AOT_EAGER = """
+compile = torch.compile
+def cheap(model=None, **kwargs):  # every torch.compile of the run with the aot_eager backend: fast on a CPU
+    kwargs["backend"] = "aot_eager"
+    return compile(model, **kwargs)
+torch.compile = cheap
+"""
+
+
+def test_a_compiled_run_does_not_recompile_after_its_first_eval_cycle(tmp_path):
+    data = tmp_path / "hellaswag"
+    data.mkdir()
+    words = "the a man dog runs walks into over water field then slowly quickly".split()
+    with open(data / "hellaswag_val.jsonl", "w") as f:
+        for k in range(12):  # contexts of 3 to 40 words: two length buckets
+            ctx = " ".join(words[(k + i) % len(words)] for i in range(3 + 3 * k))
+            f.write(json.dumps({"ctx": ctx, "endings": [f"{w} {w}." for w in words[k % 4:k % 4 + 4]],
+                                "label": k % 4}) + "\n")
+    out, _ = observe(tmp_path, AOT_EAGER, [*TINY, "--compile", "1", "--hellaswag", "1", "--max_steps", "6",
+                                         "--eval_interval", "2", "--log_dir", "log"],
+                   env={"TORCH_LOGS": "recompiles", "HELLASWAG_DIR": data})
+    lines = out.splitlines()
+    assert "compile: True" in out and sum("hella" in ln for ln in open(tmp_path / "log" / "log.txt")) == 4
+    first_cycle = [i for i, ln in enumerate(lines) if "sample 3:" in ln][0]  # step 2: val, HellaSwag, samples
+    assert any("Recompiling" in ln for ln in lines[:first_cycle])  # (the log does show them: eval and train mode)
+    assert [ln for ln in lines[first_cycle:] if "Recompiling" in ln] == []
+
+
+def test_gpu_check_runs_its_cpu_mode_and_writes_the_table(tmp_path):
+    """tools/gpu_check.py --cpu: the GPU check's every step (the benchmark runs through train_gpt2.py, the largest B,
+    the HellaSwag timing on a small file in HellaSwag's format), reduced, so the script is known to work."""
+    example = {"ctx": "A man sits on a roof. He", "label": 3, "endings": [
+        "is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+        "starts pulling up roofing on a roof."]}
+    (tmp_path / "hellaswag_val.jsonl").write_text((json.dumps(example) + "\n") * 12)
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu", "--out", "table.json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=env_for_tests(HELLASWAG_DIR=tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = json.loads((tmp_path / "table.json").read_text())
+    (row,) = table["rows"]
+    assert row["B"] == 4 and row["compile"] is False and row["tok_per_sec"] > 0 and row["mfu"] is None
+    assert table["largest_B"] == {"compile 0": 4} and table["hellaswag_val"]["examples"] == 12
+    assert "B   4 compile 0:" in r.stdout and "largest B that fits: compile 0: 4" in r.stdout
+    assert "HellaSwag val: 12 examples in" in r.stdout and "written to table.json" in r.stdout

@@ -1,0 +1,117 @@
+"""Never lose a run: exact resume after SIGKILL, preemption by SIGTERM or Ctrl-C on one process and under torchrun,
+torchrun restarts, and resuming on another number of processes."""
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, RUN, finish, kill_group, read_log, run_script, start, torchrun, \
+    torchrun_cmd, train_losses, wait_for_line
+
+
+def assert_same_run(a, b):
+    """Two log directories hold the same run, bit for bit: every train and val line, and the final weights and
+    optimizer state."""
+    assert read_log(Path(a) / "log.txt") == read_log(Path(b) / "log.txt")
+    ca, cb = (torch.load(Path(d) / "model_00024.pt", weights_only=True) for d in (a, b))
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    for i, state in ca["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, cb["optimizer"]["state"][i][k]), (i, k)
+
+
+def pid_of_rank(launcher, rank):
+    """The pid of torchrun's worker with RANK=rank."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    pytest.fail(f"no worker with RANK={rank}")
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, shared_run):
+    proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
+    wait_for_line(proc, "saved log/model_00008.pt")
+    kill_group(proc, signal.SIGSTOP)  # frozen at once: then killed where it stood
+    before = (tmp_path / "log" / "log.txt").read_text()
+    kill_group(proc)
+    proc.wait()
+    assert "7 train" in before and "16 val" not in before  # the moment aimed at: after a checkpoint, before the next
+    r = run_script("train_gpt2.py", *RUN, "--log_dir", "log", "--resume", "auto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "log" / "log.txt").read_text().startswith(before)  # appended to, never truncated
+    assert_same_run(tmp_path / "log", shared_run[0])
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice"])
+def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, how):
+    proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
+    wait_for_line(proc, "step     9 | loss")
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:  # a second Ctrl-C while the first is being handled changes nothing
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+    out = finish(proc)
+    assert proc.returncode == 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    line = [ln for ln in out.splitlines() if ln.startswith("stopped by")]
+    assert len(line) == 1 and "Traceback" not in out
+    step = int(line[0].split("after step ")[1].split(":")[0])
+    assert 9 <= step < 23 and f"saved log/model_{step + 1:05d}.pt; go on with python train_gpt2.py --resume auto " \
+                               f"--log_dir log" in line[0]
+    r = run_script("train_gpt2.py", *RUN, "--log_dir", "log", "--resume", "auto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(tmp_path / "log", shared_run[0])
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step_and_the_run_resumes_exactly(tmp_path, ddp_run):
+    launcher = start(torchrun_cmd(2, *RUN, "--log_dir", "log"), cwd=tmp_path)
+    wait_for_line(launcher, "step     9 | loss")
+    os.kill(pid_of_rank(launcher, 1), signal.SIGTERM)  # one rank only is told: the ranks agree on the step
+    out = finish(launcher)
+    assert launcher.returncode != 0
+    line = [ln for ln in out.splitlines() if ln.startswith("stopped by SIGTERM after step")]
+    assert len(line) == 1, out[-3000:]
+    step = int(line[0].split("after step ")[1].split(":")[0])
+    log = read_log(tmp_path / "log" / "log.txt")
+    assert max(k[0] for k in log if k[1] == "train") == step  # no rank went on: rank 0 logged the last step
+    assert sorted(p.name for p in (tmp_path / "log").glob("model_*.pt"))[-1] == f"model_{step + 1:05d}.pt"
+    r = torchrun(2, *RUN, "--log_dir", "log", "--resume", "auto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(tmp_path / "log", ddp_run[0])
+
+
+def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_undisturbed_run(tmp_path, ddp_run):
+    launcher = start(torchrun_cmd(2, *RUN, "--resume", "auto", "--log_dir", "log", extra=["--max-restarts=1"]),
+                     cwd=tmp_path)
+    wait_for_line(launcher, "saved log/model_00008.pt")
+    os.kill(pid_of_rank(launcher, 1), signal.SIGKILL)
+    out = finish(launcher)
+    assert launcher.returncode == 0, out[-3000:]
+    assert "resumed from log/model_00008.pt at step 8" in out
+    assert train_losses(tmp_path / "log") == train_losses(ddp_run[0])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_processes(tmp_path, shared_run, ddp_run, before, after):
+    source = {1: shared_run, 2: ddp_run}[before][0]
+    (tmp_path / "log").mkdir()
+    shutil.copy(source / "model_00008.pt", tmp_path / "log")
+    flags = [*RUN, "--log_dir", "log", "--resume", "auto"]
+    r = run_script("train_gpt2.py", *flags, cwd=tmp_path) if after == 1 else torchrun(2, *flags, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step 8 (written by {before} processes)" in r.stdout
+    assert f"gradient accumulation steps: {2 // after}" in r.stdout  # the same total batch
+    resumed, whole = train_losses(tmp_path / "log"), train_losses(source)
+    assert sorted(resumed) == list(range(8, 24))
+    for step, loss in resumed.items():  # the same tokens in every step; only the order of the sums differs
+        assert loss == pytest.approx(whole[step], abs=1e-3), step

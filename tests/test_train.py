@@ -1,0 +1,324 @@
+"""train_gpt2.py as a user runs it: the run and what it prints and writes, the checks before step 0, one run per
+log directory, failed checkpoint writes, float16, and the CUDA start-up path followed on the CPU."""
+import hashlib
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2
+from conftest import REPO, RUN, TINY, env_for_tests, kill_group, read_log, run_script, start, train_losses, \
+    wait_for_line
+
+
+def test_import_starts_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import train_gpt2"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env_for_tests(PYTHONPATH=REPO))
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_learns_and_logs_as_the_lecture_and_prints_what_a_person_reads(shared_run):
+    log_dir, r = shared_run
+    out = r.stdout
+    assert "preset: shakespeare" in out and "input.txt" in out and "n_layer=2" in out  # the flags win
+    assert out.count("schedule: warmup 2 steps to max_lr 0.01, cosine to min_lr 0.001 at 24") == 1
+    log = read_log(log_dir / "log.txt")
+    train = [float(log[(s, "train")]) for s in range(24)]
+    assert train[0] == pytest.approx(np.log(50304), abs=0.3)  # a fresh model is about uniform over the vocabulary
+    assert train[-1] < train[0] - 0.5  # and learns
+    assert {k for k in log if k[1] == "val"} == {(0, "val"), (8, "val"), (16, "val"), (24, "val")}
+    step_lines = [line for line in out.splitlines() if "| loss:" in line]
+    assert len(step_lines) == 24 and all(" | lr " in line and "tok/sec" in line for line in step_lines)
+    assert all(" | eta " in line for line in step_lines[4:]) and not any(" | eta " in ln for ln in step_lines[:4])
+    assert [line.split("|")[0].split() for line in out.splitlines() if "| val loss" in line] == \
+        [["step", "0"], ["step", "8"], ["step", "16"], ["step", "24"]]
+    samples = [line for line in out.splitlines() if line.startswith("sample ")]  # (no "rank 0": one process)
+    assert len(samples) == 12 and all(s.split(": ", 1)[1].startswith("Hello, I'm a language model,") for s in samples)
+    assert sorted(p.name for p in log_dir.glob("model_*.pt")) == ["model_00008.pt", "model_00016.pt", "model_00024.pt"]
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("done in 0:00:") and f"final val loss {float(log[(24, 'val')]):.4f}" in summary
+    best = min((float(v), k[0]) for k, v in log.items() if k[1] == "val")
+    assert f"best {best[0]:.4f} at step {best[1]}" in summary
+    assert f"sample with python train_gpt2.py --init_from {log_dir / 'model_00024.pt'} --sample" in summary
+
+
+def test_warmup_scales_with_max_steps_unless_given():
+    def warmup(*flags):
+        return train_gpt2.parse_config([*flags, "--device", "cpu"], 1)[0].warmup_steps
+    assert warmup() == 100  # the CPU preset's
+    assert warmup("--max_steps", "19073") == 715 and warmup("--max_steps", "2000") == 75  # the lecture's share
+    assert warmup("--max_steps", "10") == 1  # at least one step
+    assert warmup("--max_steps", "2000", "--warmup_steps", "7") == 7
+
+
+def bad_input(tmp_path, case):
+    """The flags of a bad-input case, with the files it needs made in tmp_path."""
+    d = tmp_path / "data"
+    d.mkdir()
+    np.save(d / "edufineweb_val_000000.npy", np.arange(5000, dtype=np.uint16))
+    np.save(d / "edufineweb_train_000001.npy", np.full(5000, 60000, dtype=np.uint16))
+    (tmp_path / "not-utf8.txt").write_bytes(b"caf\xe9 " * 2000)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "a-file").write_text("precious")
+    return {
+        "--data without shards": (["--data", tmp_path / "texts"], "holds no .npy shards: make them with fineweb.py"),
+        "--data missing": (["--data", tmp_path / "nope"], "give a directory of shards (not one shard) or a .txt"),
+        "--data one shard": (["--data", d / "edufineweb_val_000000.npy"], "give a directory of shards (not one shard)"),
+        "token ids beyond the vocabulary": (["--data", d], "below vocab_size 50304"),
+        "text not UTF-8": (["--data", tmp_path / "not-utf8.txt"], "is not UTF-8"),
+        "--log_dir is a file": (["--log_dir", tmp_path / "a-file"], "cannot write to --log_dir"),
+        "--max_lr 0": (["--max_lr", "0"], "--max_lr 0.0 is out of range: give > 0"),
+        "--min_lr above --max_lr": (["--min_lr", "1"], "--min_lr 1.0 is out of range: give >= 0 and <= --max_lr"),
+        "negative --weight_decay": (["--weight_decay", "-0.1"], "--weight_decay -0.1 is out of range"),
+        "negative --max_steps": (["--max_steps", "-3"], "--max_steps -3 is out of range"),
+        "--B 0": (["--B", "0"], "--B 0 is out of range"),
+        "batch does not divide": (["--total_batch_size", "100"], "give a multiple of B*T*world_size = 64"),
+        "heads do not divide": (["--n_head", "3"], "--n_embd must be a multiple of --n_head"),
+        "T above block size": (["--T", "32"], "is longer than the model's block size 16"),
+        "--resume garbage": (["--resume", tmp_path / "garbage.pt"], "cannot load checkpoint"),
+        "--resume a foreign file": (["--resume", tmp_path / "foreign.pt"], "is not a checkpoint of train_gpt2.py"),
+        "--resume missing": (["--resume", tmp_path / "no.pt"], "no.pt: no such file"),
+        "--device cuda": (["--device", "cuda"], "--device cuda: not here"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["--data without shards", "--data missing", "--data one shard",
+                                  "token ids beyond the vocabulary", "text not UTF-8", "--log_dir is a file",
+                                  "--max_lr 0", "--min_lr above --max_lr", "negative --weight_decay",
+                                  "negative --max_steps", "--B 0", "batch does not divide", "heads do not divide",
+                                  "T above block size", "--resume garbage", "--resume a foreign file",
+                                  "--resume missing", "--device cuda"])
+def test_bad_input_is_one_line_before_step_0(tmp_path, capsys, case):
+    flags, message = bad_input(tmp_path, case)
+    if case == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [*TINY, "--max_steps", "2", "--log_dir", tmp_path / "log", *flags]
+    if case == "--device cuda":
+        argv.remove("cpu")
+        argv.remove("--device")
+    with pytest.raises(SystemExit) as exit_:
+        train_gpt2.main([str(a) for a in argv])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_gpt2.py: error: ") and message in err[0], err
+    assert not (tmp_path / "log" / "log.txt").exists()  # stopped before step 0
+    assert (tmp_path / "a-file").read_text() == "precious"
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    r = run_script("train_gpt2.py", *TINY, "--min_lr", "1", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "out of range" in r.stderr
+
+
+def test_a_flag_that_argparse_rejects_is_one_line_without_the_usage(capsys):
+    for argv, message in [(["--B", "x"], "argument --B: invalid int value: 'x'"),
+                          (["--no_such_flag"], "unrecognized arguments: --no_such_flag")]:
+        with pytest.raises(SystemExit) as exit_:
+            train_gpt2.main(argv)
+        assert exit_.value.code == f"train_gpt2.py: error: {message}"  # (what Python prints, exit status 1)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_resume_with_flags_that_contradict_the_checkpoint_is_refused(tmp_path, shared_run, capsys):
+    log_dir, _ = shared_run
+    with pytest.raises(SystemExit):
+        train_gpt2.main([*map(str, RUN), "--n_layer", "3", "--resume", str(log_dir / "model_00008.pt"),
+                         "--log_dir", str(tmp_path / "log")])
+    err = capsys.readouterr().err
+    assert "the model has n_layer=2: drop those flags" in err and err.count("\n") == 1
+
+
+def test_one_run_per_log_dir(tmp_path):
+    first = start([sys.executable, str(REPO / "train_gpt2.py"), *TINY, "--max_steps", "100000", "--log_dir", "log"],
+                  cwd=tmp_path)
+    try:
+        wait_for_line(first, "step     1 | loss")
+        first.send_signal(signal.SIGSTOP)  # (holding its lock, and no CPU)
+        t0 = time.time()
+        second = run_script("train_gpt2.py", *TINY, "--max_steps", "5", "--log_dir", "log", cwd=tmp_path)
+        assert time.time() - t0 < 10 and second.returncode == 1
+        first.send_signal(signal.SIGCONT)
+        assert second.stderr.strip() == (f"train_gpt2.py: error: --log_dir log is in use by another run (pid "
+                                         f"{first.pid}); give another")
+        lines = wait_for_line(first, "| loss")  # the first goes on undisturbed
+        assert first.poll() is None and not any("error" in line for line in lines)
+        assert not list((tmp_path / "log").glob("previous-*"))  # and its files were not moved
+    finally:
+        kill_group(first)
+    first.wait()
+    # the kernel dropped the killed run's lock: a new run takes the directory (and moves the old run aside)
+    r = run_script("train_gpt2.py", *TINY, "--max_steps", "1", "--log_dir", "log", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "log").glob("previous-*/log.txt"))) == 1
+
+
+def digests(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def test_no_run_clobbers_another(tmp_path, shared_run):
+    theirs = tmp_path / "theirs"
+    shutil.copytree(shared_run[0], theirs)
+    before = digests(theirs)
+    # resuming another directory's checkpoint starts this directory's own history; the other run stays as it was
+    r = run_script("train_gpt2.py", *RUN, "--resume", theirs / "model_00016.pt", "--log_dir", tmp_path / "mine",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert digests(theirs) == before
+    mine = read_log(tmp_path / "mine" / "log.txt")
+    assert min(k[0] for k in mine) == 16 and mine[(23, "train")] == read_log(theirs / "log.txt")[(23, "train")]
+    # a fresh run in a directory that holds a finished run moves that run aside, whole
+    r = run_script("train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", theirs, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    moved = list(theirs.glob("previous-*"))
+    assert len(moved) == 1 and f"{theirs} held an earlier run: moved to {moved[0]}" in r.stdout
+    assert digests(moved[0]) == {k: v for k, v in before.items() if k != "lock"}
+
+
+def test_resume_auto_skips_a_half_written_checkpoint_and_says_when_it_starts_afresh(tmp_path, shared_run):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    shutil.copy(shared_run[0] / "model_00008.pt", log_dir)
+    (log_dir / "log.txt").write_text("".join(f"{k[0]} {k[1]} {v}\n" for k, v in read_log(shared_run[0] / "log.txt")
+                                             .items() if k[0] <= 8))
+    (log_dir / "model_00016.pt.4242.tmp").write_bytes(b"half a checkpoint")  # what a run killed mid-write leaves
+    r = run_script("train_gpt2.py", *RUN, "--resume", "auto", "--log_dir", log_dir, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "model_00008.pt at step 8" in r.stdout
+    assert not list(log_dir.glob("*.tmp"))
+    assert train_losses(log_dir) == train_losses(shared_run[0])
+
+
+def test_resume_auto_with_no_checkpoint_says_it_starts_afresh(tmp_path, capsys):
+    args = train_gpt2.parse_config([*TINY, "--resume", "auto", "--log_dir", str(tmp_path)], 1)[0]
+    assert args.resume is None
+    assert capsys.readouterr().out == f"--resume auto: no checkpoint in {tmp_path}, starting afresh\n"
+
+
+def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_earlier_ones(tmp_path, shared_run):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    shutil.copy(shared_run[0] / "model_00008.pt", log_dir)
+    before = digests(log_dir)
+    limit = 1 << 20  # a file size limit (ulimit -f) below a checkpoint's size: the write fails with EFBIG
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--resume", "auto", "--log_dir",
+                        str(log_dir)], cwd=tmp_path, env=env_for_tests(), capture_output=True, text=True,
+                       preexec_fn=small_files, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"train_gpt2.py: error: could not write {log_dir}/model_00016.pt (File "
+                                             f"too large); the earlier checkpoints are intact"]
+    assert {k: v for k, v in digests(log_dir).items() if k.startswith("model_")} == before
+    assert not list(log_dir.glob("*.tmp"))
+    assert train_gpt2.load_checkpoint(log_dir / "model_00008.pt", resume=True)["step"] == 8
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = run_script("train_gpt2.py", *TINY, "--warmup_steps", "0", "--max_lr", "1e4", "--min_lr", "1e4",
+                   "--max_steps", "20", "--checkpoint_interval", "1", "--eval_interval", "1", "--log_dir", "log",
+                   cwd=tmp_path)
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("train_gpt2.py: error: step 1: the loss or gradient norm is not finite, the run diverged")
+    assert line.endswith("--resume log/model_00001.pt")
+    ckpt = torch.load(tmp_path / "log" / "model_00001.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "log" / "model_00002.pt").exists()
+
+
+def test_float16_trains_and_resumes_exactly(tmp_path):
+    flags = [*RUN, "--dtype", "float16", "--max_steps", "6", "--checkpoint_interval", "3", "--eval_interval", "6"]
+    whole = run_script("train_gpt2.py", *flags, "--log_dir", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert "dtype: float16 (asked for)" in whole.stdout
+    losses = train_losses(tmp_path / "whole")
+    assert all(np.isfinite(list(losses.values()))) and losses[5] < losses[0] - 0.3
+    ckpt = torch.load(tmp_path / "whole" / "model_00003.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0  # the gradient scaler's state is in the checkpoint
+    proc = start([sys.executable, str(REPO / "train_gpt2.py"), *flags, "--log_dir", "cut"], cwd=tmp_path)
+    wait_for_line(proc, "saved cut/model_00003.pt")
+    kill_group(proc, signal.SIGSTOP)
+    assert "5 train" not in (tmp_path / "cut" / "log.txt").read_text()  # stopped before the last checkpoint
+    kill_group(proc)
+    proc.wait()
+    r = run_script("train_gpt2.py", *flags, "--resume", "auto", "--log_dir", "cut", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert train_losses(tmp_path / "cut") == losses
+
+
+def follow_cuda_start_up(tmp_path, env=(), bf16=True):
+    """Run train_gpt2.main with torch.cuda saying a GPU is there, up to its first CUDA call (set_device, which ends
+    the run); returns what it printed and the calls it made."""
+    script = f"""
+import json, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+calls = []
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+torch.cuda.get_device_name = lambda device=None: "Tesla T4" if not {bf16} else "NVIDIA A100-SXM4-80GB"
+torch.cuda.is_bf16_supported = lambda including_emulation=True: {bf16} or including_emulation
+dist.init_process_group = lambda backend, **kw: calls.append(["init_process_group", backend])
+def set_device(device):
+    calls.append(["set_device", str(device)])
+    print("CALLS " + json.dumps(calls), flush=True)
+    os._exit(0)
+torch.cuda.set_device = set_device
+import train_gpt2
+train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir", "log"]!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=env_for_tests(**dict(env)))
+    assert r.returncode == 0, r.stderr
+    return r.stdout, json.loads(r.stdout.split("CALLS ")[1])
+
+
+def test_one_gpu_start_up_sets_an_indexed_device(tmp_path):
+    out, calls = follow_cuda_start_up(tmp_path)
+    assert calls == [["set_device", "cuda:0"]]
+    assert "device: cuda x 1; dtype: bfloat16 (the GPU has bfloat16 tensor cores)" in out
+
+
+def test_torchrun_start_up_sets_the_local_ranks_device(tmp_path):
+    env = {"RANK": 1, "LOCAL_RANK": 1, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29999}
+    out, calls = follow_cuda_start_up(tmp_path, env)
+    assert calls == [["init_process_group", "nccl"], ["set_device", "cuda:1"]]
+
+
+def test_dtype_auto_is_float16_on_a_gpu_without_native_bfloat16(tmp_path):
+    out, _ = follow_cuda_start_up(tmp_path, bf16=False)
+    assert "dtype: float16 (the GPU has no native bfloat16: float16, with a gradient scaler)" in out
+
+
+def test_benchmark_prints_one_json_line_describing_the_run(tmp_path):
+    r = run_script("train_gpt2.py", *TINY, "--benchmark", "4", "--log_dir", "log", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["steps"] == 4 and info["tok_per_sec"] > 0 and info["ms_per_step"] > 0
+    assert info["mfu"] is None and info["peak_memory_gib"] is None  # a CPU: no peak to divide by, never a guess
+    assert {k: info[k] for k in ("n_layer", "n_embd", "block_size", "vocab_size", "B", "T", "grad_accum_steps",
+                                 "total_batch_size", "world_size", "dtype", "compile", "preset")} == \
+        {"n_layer": 2, "n_embd": 16, "block_size": 16, "vocab_size": 50304, "B": 4, "T": 16, "grad_accum_steps": 2,
+         "total_batch_size": 128, "world_size": 1, "dtype": "float32", "compile": False, "preset": "shakespeare"}
+    assert info["n_params"] == 811_712 and info["torch"] == torch.__version__ and info["device"]
+    assert not (tmp_path / "log").exists()  # no files
+
+
+def test_mfu_peaks_are_matched_on_the_exact_device_name():
+    assert train_gpt2.PEAK_FLOPS["NVIDIA H100 80GB HBM3"] == 989e12
+    assert train_gpt2.PEAK_FLOPS["NVIDIA H100 PCIe"] == 756e12
+    assert "H100" not in train_gpt2.PEAK_FLOPS and "NVIDIA H100" not in train_gpt2.PEAK_FLOPS
