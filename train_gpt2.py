@@ -229,7 +229,7 @@ class GPT(nn.Module):
 
     def generate_text(self, prompt, num_samples=4, max_length=32, seed=42, top_k=50, temperature=1.0,
                       dtype=torch.float32, stream=False):
-        """num_samples continuations of prompt; stream prints the first as it comes."""
+        """stream: print the first as it comes."""
         enc, device = get_encoding(), self.lm_head.weight.device
         tokens = enc.encode(prompt) or [EOT]  # an empty prompt starts from <|endoftext|>
         idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
@@ -277,7 +277,7 @@ def load_text(filename, split):
 
 
 def find_data(data):
-    """(path, note). Without --data: edu_fineweb10B/ if fineweb.py filled it, else input.txt."""
+    """(path, note): without --data, edu_fineweb10B/ or else input.txt."""
     if data is None:
         default = os.path.join(HERE, "edu_fineweb10B")
         if glob.glob(os.path.join(default, "*train*.npy")):
@@ -464,10 +464,11 @@ def parse_config(argv, world_size):
         ckpt = path and load_checkpoint(path, resume=True)
     device_type = pick_device(args.device).split(":")[0]
     preset, why = args.preset, "asked for"
-    if preset == "auto":  # the recipe on a GPU with FineWeb shards, else a small GPT
+    if preset == "auto":  # the recipe on a GPU with FineWeb-sized shards (1e8 tokens), else a small GPT
         shards = glob.glob(os.path.join(args.data or os.path.join(HERE, "edu_fineweb10B"), "*train*.npy"))
-        preset = "gpt2" if device_type == "cuda" and shards else "shakespeare"
-        why = f"{device_type}, {'with' if shards else 'no'} FineWeb shards"
+        big = sum(map(os.path.getsize, shards)) >= 2e8  # (uint16)
+        preset = "gpt2" if device_type == "cuda" and big else "shakespeare"
+        why = f"{device_type}, {'over' if big else 'under'} 1e8 tokens of train shards"
     p.set_defaults(**PRESETS[preset])
     p.set_defaults(**{k: v for k, v in (ckpt or {"args": {}})["args"].items() if k in RUN_KEYS})
     args = p.parse_args(argv, argparse.Namespace(given=sorted(given)))
@@ -645,7 +646,7 @@ def train(args, preset, why, ckpt):
                 f.write(line + "\n")
 
     def save_checkpoint(step):
-        """After `step` updates; a failed write (disk full) stops the run, the earlier ones intact."""
+        """After `step` updates; a failed write stops the run, the earlier ones intact."""
         path, error = os.path.join(log_dir, f"model_{step:05d}.pt"), None
         if master_process:
             buf = io.BytesIO()  # (then a failed write is an OSError)

@@ -244,7 +244,7 @@ def test_float16_trains_and_resumes_exactly(tmp_path):
     assert train_losses(tmp_path / "cut") == losses
 
 
-def follow_cuda_start_up(tmp_path, env=(), bf16=True):
+def follow_cuda_start_up(tmp_path, env=(), bf16=True, flags=()):
     """Run train_gpt2.main with torch.cuda saying a GPU is there, up to its first CUDA call (set_device, which ends
     the run); returns what it printed and the calls it made."""
     script = f"""
@@ -262,7 +262,7 @@ def set_device(device):
     os._exit(0)
 torch.cuda.set_device = set_device
 import train_gpt2
-train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir", "log"]!r})
+train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir", "log", *map(str, flags)]!r})
 """
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=env_for_tests(**dict(env)))
@@ -280,6 +280,22 @@ def test_torchrun_start_up_sets_the_local_ranks_device(tmp_path):
     env = {"RANK": 1, "LOCAL_RANK": 1, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29999}
     out, calls = follow_cuda_start_up(tmp_path, env)
     assert calls == [["init_process_group", "nccl"], ["set_device", "cuda:1"]]
+
+
+def test_the_recipe_is_chosen_on_a_gpu_with_fineweb_sized_shards_only(tmp_path):
+    """A GPU and 1e8 tokens of train shards: the recipe (gpt2). A GPU and a small text made into shards (the
+    README's own-text walk): the small preset, which fits it."""
+    for name, tokens in [("big", 10**8), ("small", 30_000)]:
+        d = tmp_path / name
+        d.mkdir()
+        np.save(d / "edufineweb_val_000000.npy", np.zeros(30_000, dtype=np.uint16))
+        with open(d / "edufineweb_train_000001.npy", "wb") as f:  # (sparse: no disk is used for the zeros)
+            np.lib.format.write_array_header_1_0(f, {"descr": "<u2", "fortran_order": False, "shape": (tokens,)})
+            f.truncate(f.tell() + 2 * tokens)
+    out, _ = follow_cuda_start_up(tmp_path, flags=["--data", tmp_path / "big"])
+    assert "preset: gpt2 (cuda, over 1e8 tokens of train shards)" in out
+    out, _ = follow_cuda_start_up(tmp_path, flags=["--data", tmp_path / "small"])
+    assert "preset: shakespeare (cuda, under 1e8 tokens of train shards)" in out
 
 
 def test_dtype_auto_is_float16_on_a_gpu_without_native_bfloat16(tmp_path):
