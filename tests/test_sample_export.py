@@ -33,14 +33,16 @@ def expected_samples(ckpt, prompt, n, max_new_tokens, seed):
     return [enc.decode(row.tolist()) for row in idx], idx
 
 
-def test_sampling_prints_every_sample_drawn_for_the_seed(tmp_path, shared_run):
+def test_sampling_prints_every_sample_drawn_for_the_seed(shared_run, capsys):
     ckpt = shared_run[0] / "model_00024.pt"
     expected, idx = expected_samples(ckpt, PROMPT, 3, 12, seed=7)
     assert idx.shape == (3, 8 + 12)  # the prompt's 8 tokens and 12 new ones each
-    runs = [run_script("train_gpt2.py", "--init_from", ckpt, "--sample", PROMPT, "--num_samples", "3",
-                       "--max_new_tokens", "12", "--seed", seed, "--device", "cpu", cwd=tmp_path) for seed in (7, 8)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    printed = [re.split(r"(?m)^sample \d: ", r.stdout)[1:] for r in runs]  # (a sample may hold line breaks)
+    outputs = []
+    for seed in (7, 8):  # (the command's own main, in this process)
+        train_gpt2.main(["--init_from", str(ckpt), "--sample", PROMPT, "--num_samples", "3", "--max_new_tokens", "12",
+                         "--seed", str(seed), "--device", "cpu"])
+        outputs.append(capsys.readouterr().out)
+    printed = [re.split(r"(?m)^sample \d: ", out)[1:] for out in outputs]  # (a sample may hold line breaks)
     assert printed[0] == [text + "\n" for text in expected]
     assert len(printed[1]) == 3 and printed[1] != printed[0]  # another seed, other samples
 
