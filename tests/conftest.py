@@ -54,6 +54,26 @@ def run_script(*args, cwd=None, env=None, timeout=300):
     return subprocess.run(cmd, cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(capsys, cwd, *args):
+    """train_gpt2.main(args) in this process, in cwd: what run_script returns, without a second start of torch
+    (for a run that needs no process of its own: no signal, no kill, no resource limit). The SIGTERM and SIGINT
+    handlers the training loop sets are put back after."""
+    import train_gpt2
+    handlers, old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}, os.getcwd()
+    os.chdir(cwd)
+    try:
+        train_gpt2.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(old)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def torchrun_cmd(nproc, *args, extra=()):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
             str(REPO / "train_gpt2.py"), *map(str, args)]

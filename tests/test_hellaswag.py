@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import TINY, offline_env, read_log, run_script
+from conftest import TINY, offline_env, read_log, run_main, run_script
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, GPTConfig
 
@@ -342,9 +342,9 @@ def test_cli_limit_and_batch_size_of_0_are_refused_first(capsys):
         assert capsys.readouterr().err == "hellaswag.py: error: --limit and --batch_size must be positive\n"
 
 
-def test_training_logs_hellaswag_in_the_lectures_format(tmp_path, data_dir):
-    r = run_script("train_gpt2.py", *TINY, "--hellaswag", "1", "--max_steps", "4", "--eval_interval", "2",
-                   "--log_dir", "log", cwd=tmp_path, env=offline_env(tmp_path, HELLASWAG_DIR=data_dir))
+def test_training_logs_hellaswag_in_the_lectures_format(tmp_path, data_dir, capsys):
+    r = run_main(capsys, tmp_path, *TINY, "--hellaswag", "1", "--max_steps", "4", "--eval_interval", "2",
+                 "--log_dir", "log")  # (HELLASWAG_DIR: data_dir's file, no download)
     assert r.returncode == 0, r.stderr
     hella = {k[0]: v for k, v in read_log(tmp_path / "log" / "log.txt").items() if k[1] == "hella"}
     assert sorted(hella) == [0, 2, 4] and all(v in (f"{n / 8:.4f}" for n in range(9)) for v in hella.values())

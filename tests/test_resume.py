@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, RUN, finish, kill_group, read_log, run_script, start, torchrun, \
-    torchrun_cmd, train_losses, wait_for_line
+from conftest import REPO, RUN, finish, kill_group, read_log, run_main, start, torchrun, torchrun_cmd, \
+    train_losses, wait_for_line
 
 
 def assert_same_run(a, b):
@@ -38,7 +38,7 @@ def pid_of_rank(launcher, rank):
     pytest.fail(f"no worker with RANK={rank}")
 
 
-def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(tmp_path, shared_run):
+def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(tmp_path, shared_run, capsys):
     proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
     wait_for_line(proc, "saved log/model_00008.pt")
     kill_group(proc, signal.SIGSTOP)  # frozen at once: then killed where it stood
@@ -47,7 +47,7 @@ def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(t
     proc.wait()
     assert "7 train" in before and "16 val" not in before  # the moment aimed at: after a checkpoint, before the next
     (tmp_path / "log" / "model_00016.pt.4242.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write leaves it
-    r = run_script("train_gpt2.py", *RUN, "--log_dir", "log", "--resume", "auto", cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *RUN, "--log_dir", "log", "--resume", "auto")
     assert r.returncode == 0, r.stderr
     assert "resumed from log/model_00008.pt at step 8" in r.stdout
     assert not list((tmp_path / "log").glob("*.tmp"))  # removed
@@ -56,7 +56,7 @@ def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(t
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice"])
-def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, how):
+def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, how, capsys):
     proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
     wait_for_line(proc, "step     9 | loss")
     if how == "SIGTERM":
@@ -71,7 +71,7 @@ def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, 
     step = int(line[0].split("after step ")[1].split(":")[0])
     assert 9 <= step < 23 and f"saved log/model_{step + 1:05d}.pt; go on with python train_gpt2.py --resume auto " \
                                f"--log_dir log" in line[0]
-    r = run_script("train_gpt2.py", *RUN, "--log_dir", "log", "--resume", "auto", cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *RUN, "--log_dir", "log", "--resume", "auto")
     assert r.returncode == 0, r.stderr
     assert_same_run(tmp_path / "log", shared_run[0])
 
@@ -105,12 +105,12 @@ def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_undisturbed_
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_processes(tmp_path, shared_run, ddp_run, before, after):
+def test_resume_on_another_number_of_processes(tmp_path, shared_run, ddp_run, before, after, capsys):
     source = {1: shared_run, 2: ddp_run}[before][0]
     (tmp_path / "log").mkdir()
     shutil.copy(source / "model_00008.pt", tmp_path / "log")
     flags = [*RUN, "--log_dir", "log", "--resume", "auto"]
-    r = run_script("train_gpt2.py", *flags, cwd=tmp_path) if after == 1 else torchrun(2, *flags, cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *flags) if after == 1 else torchrun(2, *flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step 8 (written by {before} processes)" in r.stdout
     assert f"gradient accumulation steps: {2 // after}" in r.stdout  # the same total batch

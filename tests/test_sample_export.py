@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO, TINY, offline_env, read_log, run_script, start, finish
+from conftest import REPO, TINY, finish, offline_env, read_log, run_main, run_script, start
 from gpt2_tokenizer import get_encoding
 import train_gpt2
 from train_gpt2 import GPT
@@ -96,16 +96,15 @@ def test_export_round_trips_through_transformers_with_no_network(tmp_path, share
     assert hf["pipeline"] == enc.decode(greedy)  # the pipeline: the prompt and that continuation
 
 
-def test_finetune_from_a_local_transformers_model(tmp_path):
+def test_finetune_from_a_local_transformers_model(tmp_path, capsys):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
     with torch.no_grad():  # weights far from a fresh init: only a faithful copy gives transformers' loss
         for p in hf.parameters():
             p.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path / "hf")
-    r = run_script("train_gpt2.py", "--init_from", tmp_path / "hf", "--T", "32", "--B", "2",
-                   "--val_steps", "2", "--total_batch_size", "64", "--device", "cpu", "--max_steps", "3",
-                   "--log_dir", "log", cwd=tmp_path)
+    r = run_main(capsys, tmp_path, "--init_from", tmp_path / "hf", "--T", "32", "--B", "2", "--val_steps", "2",
+                 "--total_batch_size", "64", "--device", "cpu", "--max_steps", "3", "--log_dir", "log")
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)
     assert ckpt["config"] == {"block_size": 64, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 32}

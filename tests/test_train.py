@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import REPO, RUN, TINY, env_for_tests, kill_group, read_log, run_script, start, train_losses, \
+from conftest import REPO, RUN, TINY, env_for_tests, kill_group, read_log, run_main, run_script, start, train_losses, \
     wait_for_line
 
 
@@ -140,7 +140,7 @@ def test_resume_with_flags_that_contradict_the_checkpoint_is_refused(tmp_path, s
     assert "the model has n_layer=2: drop those flags" in err and err.count("\n") == 1
 
 
-def test_one_run_per_log_dir(tmp_path):
+def test_one_run_per_log_dir(tmp_path, capsys):
     first = start([sys.executable, str(REPO / "train_gpt2.py"), *TINY, "--max_steps", "100000", "--log_dir", "log"],
                   cwd=tmp_path)
     try:
@@ -160,7 +160,7 @@ def test_one_run_per_log_dir(tmp_path):
     first.wait()
     before = digests(tmp_path / "log")
     # the kernel dropped the killed run's lock: a new run takes the directory, and moves the old run aside, whole
-    r = run_script("train_gpt2.py", *TINY, "--max_steps", "1", "--log_dir", "log", cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *TINY, "--max_steps", "1", "--log_dir", "log")
     assert r.returncode == 0, r.stderr
     moved = list((tmp_path / "log").glob("previous-*"))
     assert len(moved) == 1 and f"log held an earlier run: moved to {Path('log') / moved[0].name}" in r.stdout
@@ -171,13 +171,12 @@ def digests(d):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir()) if p.is_file()}
 
 
-def test_no_run_clobbers_another(tmp_path, shared_run):
+def test_no_run_clobbers_another(tmp_path, shared_run, capsys):
     theirs = tmp_path / "theirs"
     shutil.copytree(shared_run[0], theirs)
     before = digests(theirs)
     # resuming another directory's checkpoint starts this directory's own history; the other run stays as it was
-    r = run_script("train_gpt2.py", *RUN, "--resume", theirs / "model_00016.pt", "--log_dir", tmp_path / "mine",
-                   cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *RUN, "--resume", theirs / "model_00016.pt", "--log_dir", tmp_path / "mine")
     assert r.returncode == 0, r.stderr
     assert digests(theirs) == before
     mine = read_log(tmp_path / "mine" / "log.txt")
@@ -211,10 +210,9 @@ def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_earlier_ones(
     assert train_gpt2.load_checkpoint(log_dir / "model_00008.pt", resume=True)["step"] == 8
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    r = run_script("train_gpt2.py", *TINY, "--warmup_steps", "0", "--max_lr", "1e4", "--min_lr", "1e4",
-                   "--max_steps", "20", "--checkpoint_interval", "1", "--eval_interval", "1", "--log_dir", "log",
-                   cwd=tmp_path)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    r = run_main(capsys, tmp_path, *TINY, "--warmup_steps", "0", "--max_lr", "1e4", "--min_lr", "1e4",
+                 "--max_steps", "20", "--checkpoint_interval", "1", "--eval_interval", "1", "--log_dir", "log")
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("train_gpt2.py: error: step 1: the loss or gradient norm is not finite, the run diverged")
@@ -224,9 +222,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "log" / "model_00002.pt").exists()
 
 
-def test_float16_trains_and_resumes_exactly(tmp_path):
+def test_float16_trains_and_resumes_exactly(tmp_path, capsys):
     flags = [*RUN, "--dtype", "float16", "--max_steps", "6", "--checkpoint_interval", "3", "--eval_interval", "6"]
-    whole = run_script("train_gpt2.py", *flags, "--log_dir", "whole", cwd=tmp_path)
+    whole = run_main(capsys, tmp_path, *flags, "--log_dir", "whole")
     assert whole.returncode == 0, whole.stderr
     assert "dtype: float16 (asked for)" in whole.stdout
     losses = train_losses(tmp_path / "whole")
@@ -239,7 +237,7 @@ def test_float16_trains_and_resumes_exactly(tmp_path):
     assert "5 train" not in (tmp_path / "cut" / "log.txt").read_text()  # stopped before the last checkpoint
     kill_group(proc)
     proc.wait()
-    r = run_script("train_gpt2.py", *flags, "--resume", "auto", "--log_dir", "cut", cwd=tmp_path)
+    r = run_main(capsys, tmp_path, *flags, "--resume", "auto", "--log_dir", "cut")
     assert r.returncode == 0, r.stderr
     assert train_losses(tmp_path / "cut") == losses
 
