@@ -117,6 +117,15 @@ def test_bad_input_is_one_line_before_step_0(tmp_path, capsys, case):
     assert (tmp_path / "a-file").read_text() == "precious"
 
 
+def test_a_log_dir_that_cannot_be_written_is_one_line_before_step_0(tmp_path, capsys, read_only_dir):
+    log_dir = read_only_dir / "log"
+    with pytest.raises(SystemExit) as exit_:
+        train_gpt2.main([*TINY, "--max_steps", "2", "--log_dir", str(log_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"train_gpt2.py: error: cannot write to --log_dir {log_dir} (") and "give another" in err
+
+
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     r = run_script("train_gpt2.py", *TINY, "--min_lr", "1", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "out of range" in r.stderr
