@@ -5,7 +5,7 @@ lowest mean loss (acc_norm) or the lowest summed loss (acc).
 
     python hellaswag.py -m gpt2 -d cuda      # OpenAI's GPT-2 (124M) on the 10,042 val examples: acc_norm 0.2955
     python hellaswag.py -m DIR               # any GPT-2 directory written by save_pretrained (or --export_hf)
-    python hellaswag.py -m log/model_19073.pt  # a checkpoint of train_gpt2.py
+    python train_gpt2.py --eval_only --hellaswag 1 --init_from log/model_19073.pt   # a checkpoint (see there)
 
 train_gpt2.py calls evaluate() with its model every eval_interval steps. Beyond the lecture: many examples per
 forward pass (rows padded on the right, which cannot change a causal model's outputs at the real positions),
@@ -256,15 +256,16 @@ def load_for_training(rank, world_size, device):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # all ranks, or none
         error = error or (None if ok else "another rank could not read it")
     if error and rank == 0:
-        print(f"warning: HellaSwag is unavailable, training goes on without it ({error})", flush=True)
+        print(f"warning: HellaSwag is unavailable, going on without it ({error})", flush=True)
     return [] if error else examples
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model, as the lecture scores it")
     p.error = lambda message: sys.exit(f"hellaswag.py: error: {message}")  # (one line, no usage)
-    p.add_argument("-m", "--model_type", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a directory "
-                   "written by save_pretrained, or a train_gpt2.py checkpoint (log/model_XXXXX.pt)")
+    p.add_argument("-m", "--model_type", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a directory "
+                   "written by save_pretrained (for a checkpoint: train_gpt2.py --eval_only --hellaswag 1 --init_from "
+                   "FILE)")
     p.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="the first N examples only")
@@ -274,34 +275,26 @@ def main(argv=None):
     try:
         if any(n is not None and n < 1 for n in (args.limit, args.batch_size)):
             raise HellaSwagUnavailable("--limit and --batch_size must be positive")
+        if os.path.isfile(args.model_type):
+            raise HellaSwagUnavailable(f"{args.model_type} is a file, not a transformers model: score a checkpoint "
+                                       f"with python train_gpt2.py --eval_only --hellaswag 1 --init_from FILE")
         examples = list(iterate_examples(args.split))[:args.limit]  # the data first: no waiting for a model
-        if os.path.isfile(args.model_type):  # one of train_gpt2.py's checkpoints: its GPT loads it
-            import train_gpt2  # (here, not at the top: train_gpt2 imports this file)
-            try:
-                model = train_gpt2.GPT.from_pretrained(args.model_type)
-            except train_gpt2.UsageError as e:
-                raise HellaSwagUnavailable(e) from None
-            block_size = model.config.block_size
-        else:
-            why = None if os.path.isdir(args.model_type) else hub_unreachable()
-            if why:
-                raise HellaSwagUnavailable(f"cannot download {args.model_type} ({why}); give a directory written by "
-                                           f"save_pretrained")
-            from transformers import GPT2LMHeadModel
-            try:
-                model = GPT2LMHeadModel.from_pretrained(args.model_type)
-            except OSError as e:
-                raise HellaSwagUnavailable(f"could not load {args.model_type}: {reason(e)}") from None
-            block_size = model.config.n_positions
+        why = None if os.path.isdir(args.model_type) else hub_unreachable()
+        if why:
+            raise HellaSwagUnavailable(f"cannot download {args.model_type} ({why}); give a directory written by "
+                                       f"save_pretrained")
+        from transformers import GPT2LMHeadModel
+        try:
+            model = GPT2LMHeadModel.from_pretrained(args.model_type)
+        except OSError as e:
+            raise HellaSwagUnavailable(f"could not load {args.model_type}: {reason(e)}") from None
     except HellaSwagUnavailable as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    dtype = None
-    if args.device.startswith("cuda"):  # TF32; and train_gpt2.py's dtype: float16 where bfloat16 is not native
+    if args.device.startswith("cuda"):  # float32 with TF32 matmuls, as the lecture's 0.2955 was computed
         torch.set_float32_matmul_precision("high")
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    n_norm, n, total = evaluate(model.to(args.device).eval(), examples, args.device, block_size=block_size,
-                                dtype=dtype, compile=args.compile, batch_size=args.batch_size, progress=True)
+    n_norm, n, total = evaluate(model.to(args.device).eval(), examples, args.device, compile=args.compile,
+                                block_size=model.config.n_positions, batch_size=args.batch_size, progress=True)
     print(f"{total} acc: {n / total:.4f} acc_norm: {n_norm / total:.4f}")
 
 

@@ -148,31 +148,30 @@ class GPT(nn.Module):
     CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, model_type):  # transformers' (a name or a directory), or our checkpoint
-        if os.path.isfile(model_type):
+    def from_pretrained(cls, model_type, ckpt=None):  # transformers' (a name or a directory), or a checkpoint
+        if not ckpt and (os.path.isfile(model_type) or model_type.endswith(".pt")):
             ckpt = load_checkpoint(model_type)
-            model = cls(GPTConfig(**ckpt["config"]))
+        if not ckpt:  # transformers' GPT-2, as a checkpoint of ours
+            from transformers import GPT2LMHeadModel
+            for local in (True, False):  # a directory or the HF cache first, then the hub (a fast fail offline)
+                try:
+                    model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=local)
+                    break
+                except Exception as e:  # (a .bin loads weights_only: no code in it runs)
+                    why = hellaswag.hub_unreachable() if local and not os.path.isdir(model_type) else reason(e)
+                    if why:
+                        raise UsageError(f"could not load {model_type} ({why}); give a save_pretrained directory")
+            c, sd = model_hf.config, model_hf.state_dict()
+            ckpt = {"config": GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd).__dict__,
+                    "model": {k: v.t() if k.endswith(cls.CONV1D) else v for k, v in sd.items()}}
+        model = cls(GPTConfig(**ckpt["config"]))
+        try:
             model.load_state_dict(ckpt["model"])
-            return model
-        from transformers import GPT2LMHeadModel
-        for local in (True, False):  # a directory or the HF cache first, then the hub (a fast fail offline)
-            try:
-                model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=local)
-                break
-            except Exception as e:  # (a .bin loads weights_only: no code in it runs)
-                why = hellaswag.hub_unreachable() if local and not os.path.isdir(model_type) else reason(e)
-                if why:
-                    raise UsageError(f"could not load {model_type} ({why}); give a save_pretrained directory")
-        c = model_hf.config
-        model = cls(GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd))
-        sd, sd_hf = model.state_dict(), model_hf.state_dict()
-        sd_hf.setdefault("lm_head.weight", sd_hf["transformer.wte.weight"])  # (tied)
-        with torch.no_grad():
-            for k in sd:
-                sd[k].copy_(sd_hf[k].t() if k.endswith(cls.CONV1D) else sd_hf[k])
+        except RuntimeError as e:
+            raise UsageError(f"{model_type}: its weights do not fit its config ({str(e).splitlines()[1][1:200]})")
         return model
 
-    def to_hf(self):  # transformers' GPT2LMHeadModel with our weights (and GPT-2's 50257 tokens)
+    def to_hf(self):  # transformers' GPT-2 of our weights (50257 tokens)
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.config
         model_hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=c.block_size, n_embd=c.n_embd,
@@ -241,17 +240,29 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the data: uint16 token shards from fineweb.py, or a .txt file (90% train, 10% val)
+# the data: uint16 token shards (fineweb.py's, nanoGPT's, llm.c's), or a .txt file (90% train, 10% val)
 
 _TOKENS = {}
+
+
+def shard_files(root, split):  # fineweb.py's .npy, nanoGPT's and llm.c's .bin
+    return sorted(f for ext in ("npy", "bin") for f in glob.glob(os.path.join(root, f"*{split}*.{ext}")))
 
 
 def load_tokens(filename, vocab_size):  # a memory map, checked when first opened
     if filename not in _TOKENS:
         try:
-            tokens = np.load(filename, mmap_mode="r", allow_pickle=False)
+            if filename.endswith(".npy"):
+                tokens = np.load(filename, mmap_mode="r", allow_pickle=False)
+            else:  # nanoGPT's {train,val}.bin: raw uint16; llm.c's: 256 int32 (magic, version, count), then uint16
+                offset = 0 if os.path.basename(filename) in ("train.bin", "val.bin") else 1024
+                header, size = np.fromfile(filename, np.int32, 3).tolist(), os.path.getsize(filename)
+                if offset and header != [20240520, 1, (size - 1024) / 2]:
+                    raise UsageError(f"shard {filename} is not llm.c's GPT-2 format (magic 20240520, version 1, "
+                                     f"tokens): its header says {header}, for {size} bytes")
+                tokens = np.memmap(filename, np.uint16, "r", offset)
         except (ValueError, OSError, EOFError) as e:
-            raise UsageError(f"shard {filename} is cut short or not .npy ({e}); re-run fineweb.py")
+            raise UsageError(f"shard {filename} is cut short or not in its format ({e}); make it again")
         if tokens.ndim != 1 or tokens.dtype.kind not in "ui" or tokens.size == 0 or tokens.max() >= vocab_size:
             raise UsageError(f"shard {filename} is not 1-D token ids below vocab_size {vocab_size}")
         _TOKENS[filename] = tokens
@@ -273,14 +284,14 @@ def find_data(data):
     """(path, note): without --data, edu_fineweb10B/ or else input.txt."""
     if data is None:
         default = os.path.join(HERE, "edu_fineweb10B")
-        if glob.glob(os.path.join(default, "*train*.npy")):
+        if shard_files(default, "train"):
             return default, None
         return os.path.join(HERE, "input.txt"), f"no shards in {default} (python fineweb.py makes them)"
-    if not os.path.exists(data) or data.endswith(".npy"):
+    if not os.path.exists(data) or data.endswith((".npy", ".bin")):
         raise UsageError(f"--data {data}: give a directory of shards (not one shard) or a .txt file")
-    if os.path.isdir(data) and not glob.glob(os.path.join(data, "*.npy")):
-        raise UsageError(f"--data {data} holds no .npy shards: make them with fineweb.py --output_dir {data} "
-                         f"--input FILES (or give a .txt file)")
+    if os.path.isdir(data) and not shard_files(data, ""):
+        raise UsageError(f"--data {data} holds no .npy (nor nanoGPT's or llm.c's .bin) shards: make them with "
+                         f"fineweb.py --output_dir {data} --input FILES (or give a .txt file)")
     return data, None
 
 
@@ -293,10 +304,9 @@ class DataLoaderLite:
         self.B, self.T, self.process_rank, self.num_processes = B, T, process_rank, num_processes
         self.split, self.vocab_size, self.shuffle, self.seed, self.device = split, vocab_size, shuffle, seed, device
         data_root = find_data(data_root)[0]
-        self.shards = [data_root] if os.path.isfile(data_root) else \
-            sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
+        self.shards = [data_root] if os.path.isfile(data_root) else shard_files(data_root, split)
         if not self.shards:
-            raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}")
+            raise UsageError(f"no {split} shards (*{split}*.npy or .bin) in {data_root}")
         self.reset()
         if len(self.tokens) < B * T * num_processes + 1:
             raise UsageError(f"{split} data too small for one step (B*T*world_size+1 tokens): lower --B or --T")
@@ -361,21 +371,47 @@ def get_lr(it, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
     return min_lr + coeff * (max_lr - min_lr)
 
 
-# MFU's denominator: dense 16-bit tensor-core FLOP/s by exact torch.cuda.get_device_name(); others: no MFU
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12,
-              "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
-              "NVIDIA L4": 121e12, "Tesla T4": 65e12, "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12}
+# MFU's denominator: dense 16-bit tensor-core FLOP/s (data sheets' "with sparsity" halved) by exact
+# torch.cuda.get_device_name() (as nvidia-smi prints it); other devices: no MFU
+PEAK_FLOPS = {  # the H100, H200, GH200 data sheets
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
+    "NVIDIA GH200 480GB": 989e12, "NVIDIA GH200 144G HBM3e": 989e12,
+    "NVIDIA B200": 2250e12,  # the HGX B200 data sheet
+    # the A100, A10, RTX A6000 data sheets; AWS's A10G has none: GA102's rate, fp32 accumulation
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A10": 125e12, "NVIDIA A10G": 70e12, "NVIDIA RTX A6000": 155e12,
+    # the L4, L40S, RTX 6000 Ada data sheets
+    "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12, "NVIDIA RTX 6000 Ada Generation": 364e12,
+    # the Ampere and Ada whitepapers' GeForce rates with fp32 accumulation (torch's matmuls)
+    "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,
+    "Tesla T4": 65e12, "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12,  # the T4, V100 data sheets
+    # the MI300X, MI250X data sheets; torch sees an MI250X as 2 devices (383e12 the pair)
+    "AMD Instinct MI300X": 1307e12, "AMD Instinct MI250X": 191.5e12, "AMD Instinct MI250X/MI250": 191.5e12}
 
 
-def load_checkpoint(path, resume=False):  # to the CPU, weights_only: a crafted file runs no code
+def load_checkpoint(path, resume=False):
+    """Ours, the lecture's or nanoGPT's, to the CPU, as ours: weights_only (and the lecture's GPTConfig by name)."""
     try:
-        with warnings.catch_warnings():  # (torch's, about a plain pickle, before it refuses it)
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals([(GPTConfig, "__main__.GPTConfig")]):
+            warnings.simplefilter("ignore")  # (torch's, before it refuses a plain pickle)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path}: {reason(e)}")
-    if not isinstance(ckpt, dict) or "config" not in ckpt or resume and "train_loader" not in ckpt:
-        raise UsageError(f"{path} is not a checkpoint of train_gpt2.py")
+    try:
+        config = ckpt.get("model_args") or ckpt["config"]  # nanoGPT's, or ours, or the lecture's GPTConfig
+        config = {k: int(vars(config)[k] if isinstance(config, GPTConfig) else config[k]) for k in MODEL_KEYS}
+        sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
+    except Exception:  # (any other layout)
+        raise UsageError(f"{path} is not a checkpoint of train_gpt2.py, the lecture's or nanoGPT's")
+    if resume and "train_loader" not in ckpt:
+        raise UsageError(f"{path} holds weights, not a run to resume: start from it with --init_from {path}")
+    if "model_args" in ckpt:  # nanoGPT's bias=False: zero biases
+        for k in [k for k in sd if k.endswith(".weight") and not k.startswith(("transformer.w", "lm_head"))]:
+            sd.setdefault(k[:-6] + "bias", torch.zeros(len(sd[k]), dtype=sd[k].dtype))
+        if int(os.environ.get("RANK", 0)) == 0:
+            zeros = "" if ckpt["model_args"].get("bias", True) else "bias=False: zero biases, the same function; "
+            print(f"{path} is nanoGPT's: {zeros}its exact GELU runs as the tanh one: outputs differ slightly")
+    ckpt.update(config=config, model=sd)
     return ckpt
 
 
@@ -414,7 +450,7 @@ class Recipe:  # the lecture's run; each field is a flag (--B 32); a preset chan
 PRESETS = {"gpt2": {}, "shakespeare": dict(  # nanoGPT's CPU Shakespeare size: minutes on a laptop
     B=16, T=64, total_batch_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=64, max_lr=1e-3, warmup_steps=100,
     max_steps=800, eval_interval=200, checkpoint_interval=800, hellaswag=0)}
-RUN_KEYS = [f.name for f in fields(Recipe)]  # (resuming, from the checkpoint)
+RUN_KEYS = [f.name for f in fields(Recipe)] + ["dtype", "compile"]  # (restored on resume)
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
 
 
@@ -432,6 +468,7 @@ def build_parser():
     a("--resume", help="auto (the newest in --log_dir) or a checkpoint")
     a("--init_from", help="gpt2[-medium|-large|-xl], a save_pretrained directory or a checkpoint")
     a("--benchmark", type=int, metavar="N", help="N steps, then a JSON line of speed")
+    a("--eval_only", action="store_true", help="with --init_from: evaluate as training does, no training")
     a("--sample", metavar="PROMPT")
     a("--num_samples", type=int, default=4)
     a("--max_new_tokens", type=int, default=32)
@@ -447,6 +484,8 @@ def parse_config(argv, world_size):
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     given = {a.dest for a in p._actions for s in argv if any(s == o or s.startswith(o + "=") for o in a.option_strings)}
+    if "RANK" in os.environ and args.device.startswith("cuda:"):
+        raise UsageError(f"--device {args.device} under torchrun: each rank takes cuda:LOCAL_RANK; give --device cuda")
     ckpt = None
     if args.resume:
         path = latest_checkpoint(args.log_dir) if args.resume == "auto" else args.resume
@@ -458,7 +497,7 @@ def parse_config(argv, world_size):
     device_type = pick_device(args.device).split(":")[0]
     preset, why = args.preset, "asked for"
     if preset == "auto":  # the recipe on a GPU with FineWeb-sized shards (1e8 tokens), else a small GPT
-        shards = glob.glob(os.path.join(find_data(args.data)[0], "*train*.npy"))  # (a .txt: none)
+        shards = shard_files(find_data(args.data)[0], "train")  # (a .txt: none)
         big = sum(map(os.path.getsize, shards)) >= 2e8  # (uint16)
         preset = "gpt2" if device_type == "cuda" and big else "shakespeare"
         why = f"{device_type}, {'over' if big else 'under'} 1e8 tokens of train shards"
@@ -466,6 +505,8 @@ def parse_config(argv, world_size):
     p.set_defaults(**{k: v for k, v in (ckpt or {"args": {}})["args"].items() if k in RUN_KEYS})
     args = p.parse_args(argv, argparse.Namespace(given=sorted(given)))
     args.resume = ckpt and path
+    if (args.sample is not None or args.export_hf or args.eval_only) and not (args.init_from or args.resume):
+        raise UsageError("give --init_from (or --resume): what to load")
     if "max_steps" in given and "warmup_steps" not in given and not ckpt:
         args.warmup_steps = max(1, round(args.max_steps * 715 / 19073))  # the lecture's share of warmup
     args.min_lr = args.max_lr * 0.1 if args.min_lr is None else args.min_lr
@@ -478,7 +519,7 @@ def parse_config(argv, world_size):
                              + (" and <= --max_lr" if k == "min_lr" else ""))
     if args.n_embd % args.n_head or args.vocab_size < 50257:
         raise UsageError("--n_embd must be a multiple of --n_head, --vocab_size >= 50257")
-    if args.total_batch_size % (args.B * args.T * world_size):
+    if args.total_batch_size % (args.B * args.T * world_size) and not args.eval_only:
         raise UsageError(f"--total_batch_size: give a multiple of B*T*world_size = {args.B * args.T * world_size}")
     return args, preset, why, ckpt
 
@@ -504,8 +545,6 @@ def pick_dtype(requested, device_type):
 
 def command(args):
     source = args.init_from or args.resume
-    if not source:
-        raise UsageError("give --init_from (or --resume): what to load")
     device = pick_device(args.device)
     model, dtype = GPT.from_pretrained(source).to(device), pick_dtype(args.dtype, device.split(":")[0])[0]
     if args.sample is not None:
@@ -576,16 +615,17 @@ def train(args, preset, why, ckpt):
            f"{ddp_world_size}; dtype: {str(dtype)[6:]} ({dtype_why})")
     print0(f"total desired batch size: {total_batch_size}")
     print0(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
-    train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", data, args.vocab_size, args.shuffle,
-                                  args.seed, device)
+    train_loader = None if args.eval_only else DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", data,
+                                                              args.vocab_size, args.shuffle, args.seed, device)
     val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", data, args.vocab_size, device=device)
-    _lock = master_process and not bench and claim_log_dir(log_dir, args.resume)  # (held to the end)
+    writes = master_process and not bench and not args.eval_only  # (log.txt and checkpoints)
+    _lock = writes and claim_log_dir(log_dir, args.resume)  # (held to the end)
 
     if ddp:  # nccl between GPUs, gloo between CPUs
         backend, attempt = "nccl" if device_type == "cuda" else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
             dist.init_process_group(backend)
-        else:  # a torchrun restart: keys of its own (test_torchrun_restarts_after_a_killed_rank)
+        else:  # a torchrun restart: store keys of its own
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
             dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=ddp_rank,
                                     world_size=ddp_world_size)
@@ -596,11 +636,8 @@ def train(args, preset, why, ckpt):
     # HellaSwag: read now, so a bad file shows before step 0
     examples = hellaswag.load_for_training(ddp_rank, ddp_world_size, device) if args.hellaswag and not bench else []
 
-    if ckpt:  # the model: the checkpoint's, pretrained, or new
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    elif args.init_from:
-        model = GPT.from_pretrained(args.init_from)
+    if ckpt or args.init_from:  # the model: the checkpoint's, pretrained, or new
+        model = GPT.from_pretrained(args.resume or args.init_from, ckpt)
     else:
         model = GPT(GPTConfig(**{k: getattr(args, k) for k in MODEL_KEYS}))
     config = model.config
@@ -614,11 +651,49 @@ def train(args, preset, why, ckpt):
     use_compile = bool(args.compile) if args.compile is not None else device_type == "cuda"
     if use_compile:
         model = torch.compile(model)
-    if ddp:  # (buckets as .grad: no second copy)
+    if ddp and not args.eval_only:  # (buckets as .grad: no second copy)
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
                     gradient_as_bucket_view=True)
     n_params = sum(p.numel() for p in raw_model.parameters())
     print0(f"model: {n_params:,} parameters, {config}; compile: {use_compile}")
+    autocast = lambda: torch.autocast(device_type, dtype, enabled=dtype != torch.float32)
+
+    def log(line):  # log.txt, appended
+        if writes:
+            with open(os.path.join(log_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    def evaluate(step):
+        """Val loss (val_steps batches a rank, all ranks') and HellaSwag, printed and logged."""
+        model.eval()
+        val_loader.reset()
+        with torch.no_grad():
+            val_loss_accum = torch.zeros((), device=device)
+            for _ in range(args.val_steps):
+                x, y = val_loader.next_batch()
+                with autocast():
+                    loss = model(x, y)[1]
+                val_loss_accum += loss.detach() / args.val_steps
+        if ddp:
+            dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
+        r = dict(val_loss=val_loss_accum.item() / ddp_world_size, val_tokens=args.val_steps * B * T * ddp_world_size,
+                 **dict.fromkeys(["hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples"]))
+        print0(f"step {step:5d} | val loss: {r['val_loss']:.4f}")
+        log(f"{step} val {r['val_loss']:.4f}")
+        if examples:
+            n_norm, n, total = hellaswag.evaluate(raw_model, examples, device, ddp_rank, ddp_world_size,
+                                                  config.block_size, dtype, compile=use_compile)
+            r.update(hellaswag_acc=n / total, hellaswag_acc_norm=n_norm / total, hellaswag_examples=total)
+            print0(f"step {step:5d} | HellaSwag accuracy: {n_norm}/{total}={n_norm / total:.4f} (acc {n / total:.4f})")
+            log(f"{step} hella {n_norm / total:.4f}")
+        return r
+
+    if args.eval_only:  # the loop's evaluation, once: nothing trained or written
+        print0(json.dumps(dict(evaluate(0), model=args.init_from or args.resume, data=data, dtype=str(dtype)[6:],
+                               world_size=ddp_world_size)))
+        if ddp:
+            dist.destroy_process_group()
+        return
 
     max_lr, min_lr, warmup_steps, max_steps = args.max_lr, args.min_lr, args.warmup_steps, args.max_steps
     print0(f"schedule: warmup {warmup_steps} steps to max_lr {max_lr:g}, cosine to min_lr {min_lr:g} at {max_steps}")
@@ -627,16 +702,14 @@ def train(args, preset, why, ckpt):
     start_step = 0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] or not scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        else:
+            print0("the checkpoint has no gradient scaler (a bfloat16 or float32 run): float16 starts a new one")
         train_loader.load_state_dict(ckpt["train_loader"])
         start_step = ckpt["step"]
         print0(f"resumed from {args.resume} at step {start_step} (written by {ckpt['world_size']} processes)")
     del ckpt
-
-    def log(line):  # log.txt, appended
-        if master_process and not bench:
-            with open(os.path.join(log_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
 
     def save_checkpoint(step):
         """After `step` updates; a failed write stops the run, the earlier ones intact."""
@@ -645,7 +718,8 @@ def train(args, preset, why, ckpt):
             buf = io.BytesIO()  # (then a failed write is an OSError)
             torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "config": asdict(config), "step": step, "args": vars(args),
-                        "train_loader": train_loader.state_dict(), "world_size": ddp_world_size}, buf)
+                        "train_loader": train_loader.state_dict(), "world_size": ddp_world_size, "val_loss": val_loss},
+                       buf)
             try:
                 with atomic_write(path) as tmp, open(tmp, "wb") as f:
                     f.write(buf.getbuffer())
@@ -666,39 +740,21 @@ def train(args, preset, why, ckpt):
     flops_per_token = raw_model.flops_per_token(T)
     device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
     peak = PEAK_FLOPS.get(device_name) if dtype != torch.float32 else None
-    autocast = lambda: torch.autocast(device_type, dtype, enabled=dtype != torch.float32)
+    mfu = lambda tokens_per_sec: flops_per_token * tokens_per_sec / ddp_world_size / peak
     val_loss, best, last_checkpoint, step_times, t_start = None, (math.inf, 0), args.resume, [], time.time()
     for step in range(start_step, max_steps + 1):
         last_step = step == max_steps
 
         # now and then: val loss, HellaSwag, samples, checkpoint
         if not bench and (step % args.eval_interval == 0 or last_step):
-            model.eval()
-            val_loader.reset()
-            with torch.no_grad():
-                val_loss_accum = torch.zeros((), device=device)
-                for _ in range(args.val_steps):
-                    x, y = val_loader.next_batch()
-                    with autocast():
-                        loss = model(x, y)[1]
-                    val_loss_accum += loss.detach() / args.val_steps
-            if ddp:
-                dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
-            val_loss = val_loss_accum.item() / ddp_world_size
+            val_loss = evaluate(step)["val_loss"]
             best = min(best, (val_loss, step))
-            print0(f"step {step:5d} | val loss: {val_loss:.4f}")
-            log(f"{step} val {val_loss:.4f}")
-            if examples:  # split across the ranks, the counts summed
-                num_correct_norm, _, num_total = hellaswag.evaluate(raw_model, examples, device, ddp_rank,
-                                                                    ddp_world_size, config.block_size, dtype,
-                                                                    compile=use_compile)
-                acc_norm = num_correct_norm / num_total
-                print0(f"step {step:5d} | HellaSwag accuracy: {num_correct_norm}/{num_total}={acc_norm:.4f}")
-                log(f"{step} hella {acc_norm:.4f}")
             if step > 0:
                 texts = raw_model.generate_text("Hello, I'm a language model,", 4, 32, 42 + ddp_rank, dtype=dtype)
                 for i, text in enumerate(texts):
                     print(f"{f'rank {ddp_rank} ' if ddp else ''}sample {i}: {text}", flush=True)
+        if not bench and step > start_step and (step % args.checkpoint_interval == 0 or last_step):
+            last_checkpoint = save_checkpoint(step)
         if last_step:
             break
 
@@ -739,17 +795,16 @@ def train(args, preset, why, ckpt):
         eta = datetime.timedelta(seconds=round(np.median(step_times[-20:]) * (max_steps - step - 1)))
         print0(f"step {step:5d} | loss: {loss_value:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
                f"tok/sec: {tokens_per_sec:.2f}"
-               + (f" | mfu: {100 * flops_per_token * tokens_per_sec / ddp_world_size / peak:.2f}%" if peak else "")
+               + (f" | mfu: {100 * mfu(tokens_per_sec):.2f}%" if peak else "")
                + (f" | eta {eta}" if len(step_times) >= 5 else "")
                + ("" if math.isfinite(norm) else " | skipped: inf/NaN gradient"))
         log(f"{step} train {loss_value:.6f}")
-        if not bench and (stopping or (step + 1) % args.checkpoint_interval == 0 or step + 1 == max_steps):
-            last_checkpoint = save_checkpoint(step + 1)
         if stopping:
+            if not bench:
+                last_checkpoint = save_checkpoint(step + 1)
             signum = stop[0] if stop else signal.SIGTERM  # (or another rank's)
             print0(f"stopped by {signal.Signals(signum).name} after step {step}" + ("" if bench else f": saved "
-                   f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {log_dir} (and the "
-                   f"same flags)"))
+                   f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {log_dir}"))
             if ddp:
                 dist.destroy_process_group()
             sys.exit(128 + signum)
@@ -758,10 +813,10 @@ def train(args, preset, why, ckpt):
 
     if bench:  # the steady state: without the first steps
         ms = 1000 * float(np.median(step_times[len(step_times) // 5:]))
-        mfu = flops_per_token * total_batch_size * 1000 / ms / ddp_world_size / peak if peak else None
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-        print0(json.dumps(dict(tok_per_sec=round(total_batch_size / ms * 1000, 1), ms_per_step=round(ms, 2),
-                               mfu=mfu and round(mfu, 4), peak_memory_gib=memory and round(memory, 2), preset=preset,
+        tok_s = 1000 * total_batch_size / ms
+        print0(json.dumps(dict(tok_per_sec=round(tok_s, 1), ms_per_step=round(ms, 2), mfu=peak and round(mfu(tok_s), 4),
+                               peak_memory_gib=memory and round(memory, 2), preset=preset,
                                n_params=n_params, **asdict(config), B=B, T=T, grad_accum_steps=grad_accum_steps,
                                total_batch_size=total_batch_size, world_size=ddp_world_size, dtype=str(dtype)[6:],
                                compile=use_compile, device=device_name, torch=torch.__version__,
