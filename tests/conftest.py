@@ -1,9 +1,13 @@
 """Shared by the tests: the repo's path, a tiny model's flags, the real scripts run as subprocesses, and the training
 runs that many tests read (each made once per session)."""
+import fcntl
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,10 +20,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# The tests hold whatever the person running them keeps around: a Hugging Face cache of their own (empty), a
+# HellaSwag directory of their own (none; a test that wants one names it), no proxy (the tests' servers are local,
+# and nothing else is reached). Data and log directories are named by every test (TINY's --data, tmp_path).
+_OWN = Path(tempfile.mkdtemp(prefix="gpt2-tests-"))
+for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT",
+            "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(var, None)
+os.environ.update(HF_HOME=str(_OWN / "hf-home"), HELLASWAG_DIR=str(_OWN / "no-hellaswag"))
+
 # a GPT small enough that a CPU step takes milliseconds; the vocabulary stays GPT-2's (padded) so real tokens fit
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--T", "16", "--B", "4",
         "--device", "cpu", "--hellaswag", "0", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_steps", "2",
-        "--total_batch_size", "128"]  # 2 micro steps on one process, 1 on two
+        "--total_batch_size", "128",  # 2 micro steps on one process, 1 on two
+        "--data", str(REPO / "input.txt")]  # (last: a test's own --data after it wins)
 # the shared run's flags
 RUN = [*TINY, "--max_lr", "1e-2", "--max_steps", "24", "--eval_interval", "8", "--checkpoint_interval", "8"]
 
@@ -126,23 +140,39 @@ def finish(proc, timeout=120):
     return out
 
 
+def made_once(tmp_path_factory, name, make):
+    """(d / "log", the run's CompletedProcess) of make(d), made once per test session: under pytest-xdist the first
+    worker to ask makes it in a directory all the workers share (a lock in between), the others read it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # (one process)
+        d = tmp_path_factory.mktemp(name)
+        return d / "log", make(d)
+    d = tmp_path_factory.getbasetemp().parent / name  # (this session's, shared by its workers)
+    with open(f"{d}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (d / "run.json").exists():
+            d.mkdir()
+            r = make(d)
+            (d / "run.json").write_text(json.dumps([r.returncode, r.stdout, r.stderr]))
+    code, out, err = json.loads((d / "run.json").read_text())
+    return d / "log", subprocess.CompletedProcess(name, code, out, err)
+
+
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory):
     """One tiny 24-step run (checkpoints at 8, 16, 24): the yardstick for resumed runs, and the model that the
-    sampling, export and evaluation tests load."""
-    d = tmp_path_factory.mktemp("shared")
-    r = run_script("train_gpt2.py", *RUN, "--log_dir", d / "log", cwd=d)
+    sampling, export and evaluation tests load (read-only: a test that writes copies it)."""
+    log, r = made_once(tmp_path_factory, "shared",
+                       lambda d: run_script("train_gpt2.py", *RUN, "--log_dir", d / "log", cwd=d))
     assert r.returncode == 0, r.stderr
-    return d / "log", r
+    return log, r
 
 
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
     """The shared run's flags on 2 gloo processes through torchrun: the yardstick for the multi-process tests."""
-    d = tmp_path_factory.mktemp("ddp")
-    r = torchrun(2, *RUN, "--log_dir", d / "log", cwd=d)
+    log, r = made_once(tmp_path_factory, "ddp", lambda d: torchrun(2, *RUN, "--log_dir", d / "log", cwd=d))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return d / "log", r
+    return log, r
 
 
 def kill_group(proc, sig=signal.SIGKILL):
@@ -163,6 +193,8 @@ def read_only_dir(tmp_path):
     try:
         (d / "probe").touch()
         (d / "probe").unlink()
+        if shutil.which("mount") is None:
+            pytest.skip("no way to make a read-only directory here (root, and no mount command)")
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)]).returncode == 0
         if not mounted:
             pytest.skip("no way to make a read-only directory here (root, and mount is not allowed)")

@@ -1,12 +1,15 @@
 """DataLoaderLite: rank striding, shards switched by all ranks at once, one global position (resume on another number
 of processes), the input.txt fallback, bad shards, and the shuffled epochs."""
+import importlib.util
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
 from gpt2_tokenizer import EOT, get_encoding
-from train_gpt2 import DataLoaderLite, UsageError, find_data
+from train_gpt2 import DataLoaderLite, UsageError
 
 B, T = 2, 8  # 16 tokens a block, 17 read per batch
 
@@ -76,9 +79,27 @@ def test_state_dict_resumes_the_same_batches_on_another_number_of_processes(tmp_
             assert torch.equal(loader.next_batch()[0], one.next_batch()[0])
 
 
-def test_no_data_flag_falls_back_to_input_txt_and_says_so(tmp_path):
-    path, note = find_data(None)
-    assert path == str(REPO / "input.txt") and "python fineweb.py makes them" in note
+def scripts_copied_to(d):
+    """The scripts and input.txt copied to d, and train_gpt2 imported from there: a repository of its own."""
+    d.mkdir()
+    for name in ("train_gpt2.py", "hellaswag.py", "gpt2_tokenizer.py", "input.txt"):
+        shutil.copy(REPO / name, d)
+    spec = importlib.util.spec_from_file_location(f"train_gpt2_in_{d.name}", d / "train_gpt2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_data_flag_takes_the_shards_beside_the_script_else_its_input_txt_and_says_so(tmp_path):
+    repo = scripts_copied_to(tmp_path / "repo")
+    path, note = repo.find_data(None)
+    assert path == str(tmp_path / "repo" / "input.txt") and "python fineweb.py makes them" in note
+    write_shards(tmp_path / "repo" / "edu_fineweb10B", [100, 1000])  # what python fineweb.py leaves there
+    assert repo.find_data(None) == (str(tmp_path / "repo" / "edu_fineweb10B"), None)
+
+
+def test_a_txt_file_is_split_90_10_into_train_and_val(tmp_path):
+    path = str(REPO / "input.txt")
     tokens = get_encoding().encode_ordinary((REPO / "input.txt").read_text(encoding="utf-8"))
     assert DataLoaderLite(4, 32, data_root=path).next_batch()[0].flatten().tolist() == tokens[:128]
     val = DataLoaderLite(4, 32, split="val", data_root=path)
@@ -86,7 +107,7 @@ def test_no_data_flag_falls_back_to_input_txt_and_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("empty directory", "holds no .npy shards"), ("one shard", r"give a directory of shards \(not one shard\)"),
+    ("empty directory", "holds no .npy"), ("one shard", r"give a directory of shards \(not one shard\)"),
     ("truncated", "edufineweb_train_000001.npy is cut short"), ("float shard", "is not 1-D token ids below vocab_size"),
     ("2-D shard", "is not 1-D token ids"), ("ids beyond the vocabulary", "below vocab_size 50304"),
     ("too small", "lower --B or --T"), ("no val shard", "no val shards"), ("not utf-8", "is not UTF-8")])

@@ -1,11 +1,15 @@
 """What decides speed on a GPU, checked on the CPU over the real training loop: reads from the device per step, the
-memory a micro step keeps, DDP's settings, and torch.compile's recompiles. Each test runs train_gpt2.main in a
-subprocess with the library patched to observe (never the program)."""
+memory a micro step keeps, DDP's settings, torch.compile's recompiles, the MFU figure, and the GPU path's own shape
+(bfloat16 autocast with inductor) run for real. Each test runs train_gpt2.main in a subprocess with the library
+patched to observe (never the program; the MFU test gives the peak table an entry for the CPU)."""
 import json
 import subprocess
 import sys
 
-from conftest import REPO, TINY, env_for_tests, torchrun_cmd
+import pytest
+import torch
+
+from conftest import REPO, RUN, TINY, env_for_tests, read_log, run_script, torchrun_cmd
 
 OBSERVE = f"""
 import json, sys, traceback, weakref
@@ -162,3 +166,57 @@ def test_gpu_check_runs_its_cpu_mode_and_writes_the_table(tmp_path):
     assert table["largest_B"] == {"compile 0": 4} and table["hellaswag_val"]["examples"] == 12
     assert "B   4 compile 0:" in r.stdout and "largest B that fits: compile 0: 4" in r.stdout
     assert "HellaSwag val: 12 examples in" in r.stdout and "written to table.json" in r.stdout
+
+
+PEAK_FOR_THE_CPU = """
+train_gpt2.PEAK_FLOPS = {"cpu": 1e10}  # the one place to patch: a peak for this device's name
+"""
+
+
+def test_the_mfu_of_two_ranks_divides_their_tokens_per_second_by_the_world_size(tmp_path):
+    out, _ = observe(tmp_path, PEAK_FOR_THE_CPU, [*TINY, "--dtype", "bfloat16", "--benchmark", "4", "--log_dir", "log"],
+                     launcher=torchrun_cmd(2)[:-1])
+    info = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert info["world_size"] == 2 and info["dtype"] == "bfloat16"
+    # nanoGPT's estimate, recomputed here: 6N (N without the position embeddings) + 12 L H hs T
+    flops_per_token = 6 * (info["n_params"] - 16 * 16) + 12 * 2 * 2 * 8 * 16
+    assert info["mfu"] == pytest.approx(flops_per_token * info["tok_per_sec"] / 2 / 1e10, rel=1e-3, abs=1e-4)
+    steps = [ln for ln in out.splitlines() if "| loss:" in ln]
+    assert len(steps) == 4  # (rank 0's)
+    for line in steps:
+        tok_per_sec, mfu = float(line.split("tok/sec: ")[1].split()[0]), float(line.split("mfu: ")[1].split("%")[0])
+        assert mfu == pytest.approx(100 * flops_per_token * tok_per_sec / 2 / 1e10, abs=0.006)
+
+
+def test_bfloat16_with_inductor_trains_resumes_exactly_and_keeps_to_the_float32_losses(tmp_path, shared_run):
+    """The nearest the CPU gets to the GPU path: bfloat16 autocast, torch.compile with inductor (for real, the one test
+    that pays for its code generation) and the compiled HellaSwag scorer, over the shared run's flags."""
+    data = tmp_path / "hellaswag"
+    data.mkdir()
+    words = "the a man dog runs walks into over water field then slowly quickly".split()
+    with open(data / "hellaswag_val.jsonl", "w") as f:
+        for k in range(8):  # short contexts: one length bucket, one graph
+            ctx = " ".join(words[(k + i) % len(words)] for i in range(3 + k))
+            f.write(json.dumps({"ctx": ctx, "endings": [f"{w} {w}." for w in words[k % 4:k % 4 + 4]],
+                                "label": k % 4}) + "\n")
+    env = env_for_tests(HELLASWAG_DIR=data, TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor-cache")
+    whole = run_script("train_gpt2.py", *RUN, "--dtype", "bfloat16", "--compile", "1", "--hellaswag", "1", "--log_dir",
+                       "whole", cwd=tmp_path, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "dtype: bfloat16 (asked for)" in whole.stdout and "compile: True" in whole.stdout
+    # resumed from step 16 with no other flag (the checkpoint's: bfloat16 and compile too), bit for bit
+    resumed = run_script("train_gpt2.py", "--resume", "whole/model_00016.pt", "--log_dir", "resumed", cwd=tmp_path,
+                         env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log, again = read_log(tmp_path / "whole" / "log.txt"), read_log(tmp_path / "resumed" / "log.txt")
+    assert {k[0] for k in log if k[1] == "hella"} == {0, 8, 16, 24}  # the compiled scorer ran
+    assert again == {k: v for k, v in log.items() if k[0] >= 16} and len(again) == 8 + 2 * 2
+    a, b = (torch.load(tmp_path / d / "model_00024.pt", weights_only=True) for d in ("whole", "resumed"))
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for i, s in a["optimizer"]["state"].items()
+               for k, v in s.items())
+    # within bfloat16's precision (8 bits of mantissa) of the float32 run's losses, and not the same numbers
+    fp32 = read_log(shared_run[0] / "log.txt")
+    pairs = [(float(log[k]), float(fp32[k])) for k in fp32 if k[1] in ("train", "val")]
+    assert len(pairs) == 28 and all(abs(x - y) <= 2**-8 * abs(y) for x, y in pairs)
+    assert any(x != y for x, y in pairs)

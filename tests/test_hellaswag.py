@@ -3,6 +3,8 @@ import functools
 import hashlib
 import http.server
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import TINY, offline_env, read_log, run_main, run_script
+from conftest import REPO, TINY, offline_env, read_log, run_main, run_script
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, GPTConfig
 
@@ -309,13 +311,19 @@ def test_cli_final_line_reports_acc_and_acc_norm_of_a_transformers_directory(tmp
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"8 acc: {num / 8:.4f} acc_norm: {num_norm / 8:.4f}"
 
 
-def test_cli_scores_a_checkpoint_of_train_gpt2(tmp_path, data_dir, shared_run):
+def test_cli_sends_a_checkpoint_to_eval_only_and_never_imports_train_gpt2(tmp_path, shared_run):
+    code = ("import runpy, sys\n"
+            "sys.argv = sys.argv[1:]\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally:\n"
+            "    print('train_gpt2 imported:', 'train_gpt2' in sys.modules)\n")
     ckpt = shared_run[0] / "model_00024.pt"
-    model = GPT.from_pretrained(str(ckpt))
-    expected = hellaswag.evaluate(model, make_examples(), "cpu", block_size=16)
-    r = run_script("hellaswag.py", "-m", ckpt, "-d", "cpu", env=offline_env(tmp_path, HELLASWAG_DIR=data_dir))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == f"8 acc: {expected[1] / 8:.4f} acc_norm: {expected[0] / 8:.4f}"
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "hellaswag.py"), "-m", str(ckpt), "-d", "cpu"],
+                       capture_output=True, text=True, env=offline_env(tmp_path), timeout=120)
+    assert r.returncode == 1 and r.stdout == "train_gpt2 imported: False\n"
+    assert r.stderr == (f"hellaswag.py: error: {ckpt} is a file, not a transformers model: score a checkpoint with "
+                        f"python train_gpt2.py --eval_only --hellaswag 1 --init_from FILE\n")
 
 
 @pytest.mark.parametrize("case", ["no data and no network", "a bad line", "an unknown model"])

@@ -71,7 +71,7 @@ def test_own_text_to_a_transformers_pipeline_as_written(tmp_path):
     for argv in walk:
         assert argv[0] == "python"
         if argv[1] == "train_gpt2.py" and "--data" in argv:
-            argv = [*argv, *TINY, "--block_size", "32", "--T", "32"]  # (the pipeline's 20 tokens fit)
+            argv = [*argv, *TINY[:-2], "--block_size", "32", "--T", "32"]  # (its own --data; 20 tokens fit)
         r = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, f"{shlex.join(argv)}\n{r.stderr[-3000:]}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, RUN, finish, kill_group, read_log, run_main, start, torchrun, torchrun_cmd, \
+from conftest import REPO, RUN, finish, kill_group, read_log, run_main, run_script, start, torchrun, torchrun_cmd, \
     train_losses, wait_for_line
 
 
@@ -38,7 +38,7 @@ def pid_of_rank(launcher, rank):
     pytest.fail(f"no worker with RANK={rank}")
 
 
-def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(tmp_path, shared_run, capsys):
+def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(tmp_path, shared_run):
     proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
     wait_for_line(proc, "saved log/model_00008.pt")
     kill_group(proc, signal.SIGSTOP)  # frozen at once: then killed where it stood
@@ -47,7 +47,7 @@ def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(t
     proc.wait()
     assert "7 train" in before and "16 val" not in before  # the moment aimed at: after a checkpoint, before the next
     (tmp_path / "log" / "model_00016.pt.4242.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write leaves it
-    r = run_main(capsys, tmp_path, *RUN, "--log_dir", "log", "--resume", "auto")
+    r = run_script("train_gpt2.py", "--resume", "auto", "--log_dir", "log", cwd=tmp_path)  # no other flag: the run's
     assert r.returncode == 0, r.stderr
     assert "resumed from log/model_00008.pt at step 8" in r.stdout
     assert not list((tmp_path / "log").glob("*.tmp"))  # removed
