@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RUN, env_for_tests, read_log, train_losses
+from conftest import REPO, RUN, env_for_tests, kill_group, read_log, train_losses
 
 
 def test_two_gloo_ranks_match_one_process_with_accumulation(shared_run, ddp_run):
@@ -30,13 +30,21 @@ def free_port():
 
 def test_two_launchers_as_two_nodes_match_one_launcher(tmp_path, shared_run, ddp_run):
     port = free_port()
+    logs = [tmp_path / f"node{node}.txt" for node in (0, 1)]  # (files, not pipes: neither launcher waits on a reader)
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", str(REPO / "train_gpt2.py"),
-         *RUN, "--log_dir", "log"], cwd=tmp_path, env=env_for_tests(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in launchers]
-    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+         *RUN, "--log_dir", "log"], cwd=tmp_path, env=env_for_tests(), stdout=open(logs[node], "w"),
+        stderr=subprocess.STDOUT, start_new_session=True) for node in (0, 1)]
+    try:
+        codes = [p.wait(timeout=300) for p in launchers]
+    except subprocess.TimeoutExpired:
+        codes = "a launcher hung"
+    finally:
+        for p in launchers:
+            kill_group(p)  # (the launcher and its worker, if any is left)
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], f"{codes}\n{outputs[0][-3000:]}\n{outputs[1][-3000:]}"
     assert "device: cpu x 2" in "".join(outputs)
     assert train_losses(tmp_path / "log") == train_losses(ddp_run[0])  # the same 2 ranks, whatever their launcher
     one = train_losses(shared_run[0])
