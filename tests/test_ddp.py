@@ -1,5 +1,6 @@
 """DDP: 2 gloo processes through torchrun equal 1 process with the same total batch by accumulation, on one launcher
 and on two launchers (two "nodes" on 127.0.0.1)."""
+import random
 import socket
 import subprocess
 import sys
@@ -23,9 +24,16 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(shared_run, ddp_run)
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 up): no process that the system gives a port to (the
+    torchrun --standalone of a test running beside this one) can take it before the launchers bind it."""
+    for port in random.sample(range(20000, 32000), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no free port in 20000-32000")
 
 
 def test_two_launchers_as_two_nodes_match_one_launcher(tmp_path, shared_run, ddp_run):
