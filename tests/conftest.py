@@ -1,5 +1,6 @@
 """Shared by the tests: the repo's path, a tiny model's flags, the real scripts run as subprocesses, and the training
 runs that many tests read (each made once per session)."""
+import atexit
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 # HellaSwag directory of their own (none; a test that wants one names it), no proxy (the tests' servers are local,
 # and nothing else is reached). Data and log directories are named by every test (TINY's --data, tmp_path).
 _OWN = Path(tempfile.mkdtemp(prefix="gpt2-tests-"))
+atexit.register(shutil.rmtree, _OWN, True)
 for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT",
             "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
     os.environ.pop(var, None)

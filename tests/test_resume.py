@@ -47,7 +47,7 @@ def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(t
     proc.wait()
     assert "7 train" in before and "16 val" not in before  # the moment aimed at: after a checkpoint, before the next
     (tmp_path / "log" / "model_00016.pt.4242.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write leaves it
-    r = run_script("train_gpt2.py", "--resume", "auto", "--log_dir", "log", cwd=tmp_path)  # no other flag: the run's
+    r = run_script("train_gpt2.py", "--resume", "auto", "--log_dir", "log", cwd=tmp_path)  # (the checkpoint's flags)
     assert r.returncode == 0, r.stderr
     assert "resumed from log/model_00008.pt at step 8" in r.stdout
     assert not list((tmp_path / "log").glob("*.tmp"))  # removed
