@@ -159,6 +159,19 @@ def made_once(tmp_path_factory, name, make):
     return d / "log", subprocess.CompletedProcess(name, code, out, err)
 
 
+def hub_cache_with_gpt2(hub):
+    """A Hugging Face hub cache (what HF_HUB_CACHE names) that holds a "gpt2": a tiny one, as a download leaves it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    snapshot = hub / "models--gpt2" / "snapshots" / ("0" * 40)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return hub
+
+
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory):
     """One tiny 24-step run (checkpoints at 8, 16, 24): the yardstick for resumed runs, and the model that the

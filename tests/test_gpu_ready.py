@@ -130,15 +130,20 @@ torch.compile = cheap
 """
 
 
-def test_a_compiled_run_does_not_recompile_after_its_first_eval_cycle(tmp_path):
-    data = tmp_path / "hellaswag"
-    data.mkdir()
+def hellaswag_file(directory, context_words):
+    """A directory holding hellaswag_val.jsonl: an example per context length (in words), the labels in turn."""
     words = "the a man dog runs walks into over water field then slowly quickly".split()
-    with open(data / "hellaswag_val.jsonl", "w") as f:
-        for k in range(12):  # contexts of 3 to 40 words: two length buckets
-            ctx = " ".join(words[(k + i) % len(words)] for i in range(3 + 3 * k))
+    directory.mkdir()
+    with open(directory / "hellaswag_val.jsonl", "w") as f:
+        for k, n in enumerate(context_words):
+            ctx = " ".join(words[(k + i) % len(words)] for i in range(n))
             f.write(json.dumps({"ctx": ctx, "endings": [f"{w} {w}." for w in words[k % 4:k % 4 + 4]],
                                 "label": k % 4}) + "\n")
+    return directory
+
+
+def test_a_compiled_run_does_not_recompile_after_its_first_eval_cycle(tmp_path):
+    data = hellaswag_file(tmp_path / "hellaswag", [3 + 3 * k for k in range(12)])  # 3 to 36 words: two buckets
     out, _ = observe(tmp_path, AOT_EAGER, [*TINY, "--compile", "1", "--hellaswag", "1", "--max_steps", "6",
                                          "--eval_interval", "2", "--log_dir", "log"],
                    env={"TORCH_LOGS": "recompiles", "HELLASWAG_DIR": data})
@@ -191,14 +196,7 @@ def test_the_mfu_of_two_ranks_divides_their_tokens_per_second_by_the_world_size(
 def test_bfloat16_with_inductor_trains_resumes_exactly_and_keeps_to_the_float32_losses(tmp_path, shared_run):
     """The nearest the CPU gets to the GPU path: bfloat16 autocast, torch.compile with inductor (for real, the one test
     that pays for its code generation) and the compiled HellaSwag scorer, over the shared run's flags."""
-    data = tmp_path / "hellaswag"
-    data.mkdir()
-    words = "the a man dog runs walks into over water field then slowly quickly".split()
-    with open(data / "hellaswag_val.jsonl", "w") as f:
-        for k in range(8):  # short contexts: one length bucket, one graph
-            ctx = " ".join(words[(k + i) % len(words)] for i in range(3 + k))
-            f.write(json.dumps({"ctx": ctx, "endings": [f"{w} {w}." for w in words[k % 4:k % 4 + 4]],
-                                "label": k % 4}) + "\n")
+    data = hellaswag_file(tmp_path / "hellaswag", [3 + k for k in range(8)])  # short: one length bucket, one graph
     env = env_for_tests(HELLASWAG_DIR=data, TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor-cache")
     whole = run_script("train_gpt2.py", *RUN, "--dtype", "bfloat16", "--compile", "1", "--hellaswag", "1", "--log_dir",
                        "whole", cwd=tmp_path, env=env, timeout=600)

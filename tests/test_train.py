@@ -159,8 +159,9 @@ def test_one_run_per_log_dir(tmp_path, capsys):
         t0 = time.time()
         second = run_script("train_gpt2.py", *TINY, "--max_steps", "5", "--log_dir", "log", cwd=tmp_path)
         t1 = time.time()
-        baseline = run_script("train_gpt2.py", *TINY, "--max_steps", "5", "--log_dir", "log", "--B", "0", cwd=tmp_path)
-        # refused at once: in about the time of a run stopped by a bad flag (start-up), never after a wait
+        (tmp_path / "a-file").write_text("")  # a --log_dir that fails where the lock is taken, at once
+        baseline = run_script("train_gpt2.py", *TINY, "--max_steps", "5", "--log_dir", "a-file", cwd=tmp_path)
+        # refused at once: in about the time of a run stopped at the same point by a bad --log_dir, never after a wait
         assert second.returncode == 1 and baseline.returncode == 1 and t1 - t0 < 3 * (time.time() - t1)
         first.send_signal(signal.SIGCONT)
         assert second.stderr.strip() == (f"train_gpt2.py: error: --log_dir log is in use by another run (pid "
@@ -270,8 +271,8 @@ def test_a_float16_step_with_an_inf_gradient_is_skipped_and_the_run_goes_on_and_
         before, after = (ckpt if step == 2 else torch.load(tmp_path / "b" / f"model_{step:05d}.pt", weights_only=True),
                          torch.load(tmp_path / "b" / f"model_{step + 1:05d}.pt", weights_only=True))
         assert all(torch.equal(v, after["model"][k]) for k, v in before["model"].items()), step
-        assert all(torch.equal(v, after["optimizer"]["state"][i][k]) for i, state in before["optimizer"]["state"].items()
-                   for k, v in state.items()), step
+        assert all(torch.equal(v, after["optimizer"]["state"][i][k])
+                   for i, state in before["optimizer"]["state"].items() for k, v in state.items()), step
         assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2  # and the scale drops
     resume_from = skipped[-1] + 1  # after the last skip: resuming gives the same run, bit for bit
     r = run_main(capsys, tmp_path, "--resume", tmp_path / "b" / f"model_{resume_from:05d}.pt", "--log_dir", "c")

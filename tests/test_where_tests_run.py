@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO, env_for_tests
+from conftest import REPO, env_for_tests, hub_cache_with_gpt2
 
 EXPOSED = [  # the shared fixtures' readers, and a test per thing a person keeps
     "tests/test_train.py::test_the_run_learns_and_logs_as_the_lecture_and_prints_what_a_person_reads",
@@ -47,16 +46,6 @@ def lived_in_copy(repo):
     torch.save({"model": {}, "config": {}, "step": 100}, repo / "log" / "model_00100.pt")
 
 
-def populated_hub_cache(hub):
-    """A Hugging Face cache that holds a "gpt2" (a tiny one): a test that expects none must not find it."""
-    snapshot = hub / "models--gpt2" / "snapshots" / ("0" * 40)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
-        snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-
-
 def path_without_mount(bin_dir):
     """A PATH of every command on this one but mount and umount."""
     bin_dir.mkdir()
@@ -70,7 +59,7 @@ def path_without_mount(bin_dir):
 def test_the_shared_fixtures_and_the_exposed_tests_hold_in_a_lived_in_repository(tmp_path):
     repo = tmp_path / "repo"
     lived_in_copy(repo)
-    populated_hub_cache(tmp_path / "hub")
+    hub_cache_with_gpt2(tmp_path / "hub")  # (a test that expects no "gpt2" must not find it)
     before = {k: v for k, v in digests(repo).items() if not k.startswith("tests/")}
     proxy = "http://127.0.0.1:9"  # (nothing listens there)
     env = env_for_tests(HF_HUB_CACHE=tmp_path / "hub", HF_HOME=tmp_path / "hf-home", http_proxy=proxy,
