@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # (imported after init_process_group, it holds the group)
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -148,7 +149,7 @@ class GPT(nn.Module):
     CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, model_type, ckpt=None):  # transformers' (a name or a directory), or a checkpoint
+    def from_pretrained(cls, model_type, ckpt=None):  # transformers' (a name or directory), or a checkpoint
         if not ckpt and (os.path.isfile(model_type) or model_type.endswith(".pt")):
             ckpt = load_checkpoint(model_type)
         if not ckpt:  # transformers' GPT-2, as a checkpoint of ours
@@ -372,7 +373,7 @@ def get_lr(it, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
 
 
 # MFU's denominator: dense 16-bit tensor-core FLOP/s (data sheets' "with sparsity" halved) by exact
-# torch.cuda.get_device_name() (as nvidia-smi prints it); other devices: no MFU
+# torch.cuda.get_device_name(); other devices: no MFU
 PEAK_FLOPS = {  # the H100, H200, GH200 data sheets
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
     "NVIDIA GH200 480GB": 989e12, "NVIDIA GH200 144G HBM3e": 989e12,
@@ -382,7 +383,7 @@ PEAK_FLOPS = {  # the H100, H200, GH200 data sheets
     "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A10": 125e12, "NVIDIA A10G": 70e12, "NVIDIA RTX A6000": 155e12,
     # the L4, L40S, RTX 6000 Ada data sheets
     "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12, "NVIDIA RTX 6000 Ada Generation": 364e12,
-    # the Ampere and Ada whitepapers' GeForce rates with fp32 accumulation (torch's matmuls)
+    # the Ampere, Ada whitepapers' GeForce rates, fp32 accumulation (torch's matmuls)
     "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,
     "Tesla T4": 65e12, "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12,  # the T4, V100 data sheets
     # the MI300X, MI250X data sheets; torch sees an MI250X as 2 devices (383e12 the pair)
@@ -398,7 +399,7 @@ def load_checkpoint(path, resume=False):
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path}: {reason(e)}")
     try:
-        config = ckpt.get("model_args") or ckpt["config"]  # nanoGPT's, or ours, or the lecture's GPTConfig
+        config = ckpt.get("model_args") or ckpt["config"]  # nanoGPT's, ours, or the lecture's GPTConfig
         config = {k: int(vars(config)[k] if isinstance(config, GPTConfig) else config[k]) for k in MODEL_KEYS}
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
     except Exception:  # (any other layout)
@@ -424,7 +425,7 @@ def latest_checkpoint(log_dir):
 # configuration: flags (the lecture's recipe by default), presets, checks before any work
 
 @dataclass
-class Recipe:  # the lecture's run; each field is a flag (--B 32); a preset changes some
+class Recipe:  # the lecture's run; a flag per field (--B 32); presets change some
     data: str = None  # shards' directory or .txt (default edu_fineweb10B/, else input.txt)
     B: int = 64  # micro batch size, per process
     T: int = 1024
@@ -496,7 +497,7 @@ def parse_config(argv, world_size):
         ckpt = path and load_checkpoint(path, resume=True)
     device_type = pick_device(args.device).split(":")[0]
     preset, why = args.preset, "asked for"
-    if preset == "auto":  # the recipe on a GPU with FineWeb-sized shards (1e8 tokens), else a small GPT
+    if preset == "auto":  # the recipe on a GPU with FineWeb shards (1e8+ tokens), else a small GPT
         shards = shard_files(find_data(args.data)[0], "train")  # (a .txt: none)
         big = sum(map(os.path.getsize, shards)) >= 2e8  # (uint16)
         preset = "gpt2" if device_type == "cuda" and big else "shakespeare"
@@ -610,7 +611,7 @@ def train(args, preset, why, ckpt):
     bench, log_dir, B, T, total_batch_size = args.benchmark, args.log_dir, args.B, args.T, args.total_batch_size
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     data, note = find_data(args.data)
-    args.data = data  # (what a resumed run and the notebook read)
+    args.data = data  # (for a resumed run and the notebook)
     print0(f"preset: {preset} ({why}); data: {data}{' (' + note + ')' if note else ''}; device: {device_type} x "
            f"{ddp_world_size}; dtype: {str(dtype)[6:]} ({dtype_why})")
     print0(f"total desired batch size: {total_batch_size}")
@@ -691,8 +692,6 @@ def train(args, preset, why, ckpt):
     if args.eval_only:  # the loop's evaluation, once: nothing trained or written
         print0(json.dumps(dict(evaluate(0), model=args.init_from or args.resume, data=data, dtype=str(dtype)[6:],
                                world_size=ddp_world_size)))
-        if ddp:
-            dist.destroy_process_group()
         return
 
     max_lr, min_lr, warmup_steps, max_steps = args.max_lr, args.min_lr, args.warmup_steps, args.max_steps
@@ -768,7 +767,7 @@ def train(args, preset, why, ckpt):
             if ddp:  # sync gradients on the last micro step only
                 model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
             with autocast():
-                loss = model(x, y)[1]  # (the logits are not kept into the next micro step)
+                loss = model(x, y)[1]  # (logits not kept into the next micro step)
             loss = loss / grad_accum_steps  # the gradients add up: so their sum is a mean
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
@@ -805,9 +804,7 @@ def train(args, preset, why, ckpt):
             signum = stop[0] if stop else signal.SIGTERM  # (or another rank's)
             print0(f"stopped by {signal.Signals(signum).name} after step {step}" + ("" if bench else f": saved "
                    f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {log_dir}"))
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(128 + signum)
+            return 128 + signum
         if bench and len(step_times) >= bench:
             break
 
@@ -825,21 +822,19 @@ def train(args, preset, why, ckpt):
         print0(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: final val loss {val_loss:.4f}, "
                f"best {best[0]:.4f} at step {best[1]}; sample with python train_gpt2.py --init_from {last_checkpoint} "
                f"--sample \"Hello\"")
-    if ddp:
-        dist.destroy_process_group()
 
 
 def main(argv=None):
     try:
         args, preset, why, ckpt = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
-        if args.sample is not None or args.export_hf:
-            command(args)
-        else:
-            train(args, preset, why, ckpt)
+        code = command(args) if args.sample is not None or args.export_hf else train(args, preset, why, ckpt)
+        if dist.is_initialized():  # (train's model gone: the group's threads end now, not in Python's exit
+            dist.destroy_process_group()  # where gloo's can abort)
+        if code:  # (a stop signal's)
+            sys.exit(code)
     except UsageError as e:
-        # one line: the problem and the fix (from rank 0 alone)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train_gpt2.py: error: {e}", file=sys.stderr, flush=True)
+            print(f"train_gpt2.py: error: {e}", file=sys.stderr, flush=True)  # (rank 0 alone)
         sys.exit(1)
     except torch.OutOfMemoryError:
         sys.exit("train_gpt2.py: error: out of device memory: give a smaller --B (accumulation keeps the batch)")

@@ -47,21 +47,45 @@ def env_for_tests(**extra):
     return env
 
 
+def env_with_sitecustomize(code, directory, **extra):
+    """env_for_tests(**extra) in which every Python process started with it runs `code` first (a sitecustomize in
+    `directory`)."""
+    directory.mkdir(exist_ok=True)
+    (directory / "sitecustomize.py").write_text(code)
+    return env_for_tests(**extra, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]))
+
+
 def offline_env(tmp_path, **extra):
-    """An environment in which any network connection fails at once: a sitecustomize that every Python process
-    started with it loads first. (A download attempt, where none should be, fails the test.)"""
-    guard = tmp_path / "no-network"
-    guard.mkdir(exist_ok=True)
-    (guard / "sitecustomize.py").write_text(
+    """An environment in which any network connection fails at once. (A download attempt, where none should be,
+    fails the test.)"""
+    env = env_with_sitecustomize(
         "import socket\n"
         "def _blocked(*args, **kwargs):\n"
         "    raise OSError('network access blocked by the test')\n"
         "socket.socket.connect = socket.socket.connect_ex = _blocked\n"
-        "socket.create_connection = _blocked\n")
-    env = env_for_tests(**extra)
+        "socket.create_connection = _blocked\n", tmp_path / "no-network", **extra)
     env.pop("HF_HUB_OFFLINE")
-    env["PYTHONPATH"] = os.pathsep.join([str(guard), str(REPO)])
     return env
+
+
+def exit_probe_env(out):
+    """An environment in which every Python process, at its exit (in atexit, before Python shuts down), writes the
+    names of its threads to out/threads.RANK (.launcher: torchrun's own)."""
+    return env_with_sitecustomize(
+        "import atexit, os\n"
+        "def _threads():\n"
+        "    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "    path = os.path.join(os.environ['THREADS_AT_EXIT'], 'threads.' + os.environ.get('RANK', 'launcher'))\n"
+        "    with open(path, 'w') as f:\n"
+        "        f.write(' '.join(names))\n"
+        "atexit.register(_threads)\n", _OWN / "exit-probe", THREADS_AT_EXIT=out)
+
+
+def gloo_threads_at_exit(out, ranks=(0, 1)):
+    """The threads of gloo (a process group's) that each rank still ran when its Python began to shut down."""
+    names = {r: (Path(out) / f"threads.{r}").read_text().split() for r in ranks}
+    assert all(names.values()), names  # (the main thread at least)
+    return {r: [n for n in v if "gloo" in n] for r, v in names.items()}
 
 
 def run_script(*args, cwd=None, env=None, timeout=300):
@@ -95,9 +119,9 @@ def torchrun_cmd(nproc, *args, extra=()):
             str(REPO / "train_gpt2.py"), *map(str, args)]
 
 
-def torchrun(nproc, *args, cwd, extra=(), timeout=300):
-    return subprocess.run(torchrun_cmd(nproc, *args, extra=extra), cwd=cwd, env=env_for_tests(), capture_output=True,
-                          text=True, timeout=timeout)
+def torchrun(nproc, *args, cwd, extra=(), timeout=300, env=None):
+    return subprocess.run(torchrun_cmd(nproc, *args, extra=extra), cwd=cwd, env=env or env_for_tests(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def read_log(path):
@@ -184,8 +208,10 @@ def shared_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
-    """The shared run's flags on 2 gloo processes through torchrun: the yardstick for the multi-process tests."""
-    log, r = made_once(tmp_path_factory, "ddp", lambda d: torchrun(2, *RUN, "--log_dir", d / "log", cwd=d))
+    """The shared run's flags on 2 gloo processes through torchrun: the yardstick for the multi-process tests. (Its
+    threads at exit in log/../threads.RANK.)"""
+    log, r = made_once(tmp_path_factory, "ddp", lambda d: torchrun(2, *RUN, "--log_dir", d / "log", cwd=d,
+                                                                   env=exit_probe_env(d)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return log, r
 

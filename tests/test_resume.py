@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, RUN, finish, kill_group, read_log, run_main, run_script, start, torchrun, torchrun_cmd, \
-    train_losses, wait_for_line
+from conftest import REPO, RUN, exit_probe_env, finish, gloo_threads_at_exit, kill_group, read_log, run_main, \
+    run_script, start, torchrun, torchrun_cmd, train_losses, wait_for_line
 
 
 def assert_same_run(a, b):
@@ -77,11 +77,12 @@ def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, 
 
 
 def test_under_torchrun_every_rank_stops_at_the_same_step_and_the_run_resumes_exactly(tmp_path, ddp_run):
-    launcher = start(torchrun_cmd(2, *RUN, "--log_dir", "log"), cwd=tmp_path)
+    launcher = start(torchrun_cmd(2, *RUN, "--log_dir", "log"), cwd=tmp_path, env=exit_probe_env(tmp_path))
     wait_for_line(launcher, "step     9 | loss")
     os.kill(pid_of_rank(launcher, 1), signal.SIGTERM)  # one rank only is told: the ranks agree on the step
     out = finish(launcher)
-    assert launcher.returncode != 0
+    assert launcher.returncode != 0 and "SIGABRT" not in out
+    assert gloo_threads_at_exit(tmp_path) == {0: [], 1: []}  # (each rank ended its process group: see test_ddp)
     line = [ln for ln in out.splitlines() if ln.startswith("stopped by SIGTERM after step")]
     assert len(line) == 1, out[-3000:]
     step = int(line[0].split("after step ")[1].split(":")[0])
