@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # (imported after init_process_group, it holds the group)
+import torch.distributed.nn  # (first: imported later, it holds the group)
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -605,7 +605,7 @@ def train(args, preset, why, ckpt):
     master_process = ddp_rank == 0  # logs and writes the checkpoints
     device = pick_device(args.device)
     device_type = device.split(":")[0]
-    device = f"cuda:{ddp_local_rank}" if device == "cuda" else device  # (with its index)
+    device = f"cuda:{ddp_local_rank}" if device == "cuda" else device
     dtype, dtype_why = pick_dtype(args.dtype, device_type)
     print0 = lambda *a: master_process and print(*a, flush=True)
     bench, log_dir, B, T, total_batch_size = args.benchmark, args.log_dir, args.B, args.T, args.total_batch_size
@@ -828,8 +828,8 @@ def main(argv=None):
     try:
         args, preset, why, ckpt = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
         code = command(args) if args.sample is not None or args.export_hf else train(args, preset, why, ckpt)
-        if dist.is_initialized():  # (train's model gone: the group's threads end now, not in Python's exit
-            dist.destroy_process_group()  # where gloo's can abort)
+        if dist.is_initialized():  # (once train's DDP model is gone, else a hang: gloo's threads end here, not
+            dist.destroy_process_group()  # in Python's exit, where they can abort the process)
         if code:  # (a stop signal's)
             sys.exit(code)
     except UsageError as e:
