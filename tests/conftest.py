@@ -40,6 +40,12 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16
 RUN = [*TINY, "--max_lr", "1e-2", "--max_steps", "24", "--eval_interval", "8", "--checkpoint_interval", "8"]
 
 
+def tiny_flops_per_token(n_params):
+    """nanoGPT's estimate of training FLOPs per token for TINY's model, computed here from its parameter count: 6N (N
+    without the position embeddings, 16 x 16) + 12 L H hs T (L=2, H=2, hs=8, T=16)."""
+    return 6 * (n_params - 16 * 16) + 12 * 2 * 2 * 8 * 16
+
+
 def env_for_tests(**extra):
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
@@ -197,6 +203,37 @@ def hub_cache_with_gpt2(hub):
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     return hub
+
+
+# HellaSwag-format files (HELLASWAG_DIR names the directory)
+WORDS = ("a man woman dog is are was holds takes walks runs throws the ball into water over field then "
+         "slowly quickly and with his her red blue small large kitchen knife cuts bread").split()
+
+
+def text(n, seed):
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n))
+
+
+def make_examples():
+    """Eight examples: endings of very different lengths (so summed and mean loss disagree), one context long enough
+    that its rows pass 64 tokens (two length buckets), and every label."""
+    lengths = [(6, (2, 9, 4, 14)), (12, (7, 3, 11, 5)), (70, (5, 12, 3, 8)), (9, (15, 2, 6, 10)),
+               (4, (3, 3, 12, 6)), (20, (9, 13, 2, 7)), (15, (4, 10, 6, 2)), (8, (11, 5, 8, 3))]
+    return [{"ind": k, "ctx": text(n_ctx, k).capitalize(), "label": k % 4,
+             "endings": [text(n, k * 4 + j + 1) + "." for j, n in enumerate(ends)]}
+            for k, (n_ctx, ends) in enumerate(lengths)]
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def hellaswag_dir(directory, examples):
+    """A directory holding hellaswag_val.jsonl of these examples: what HELLASWAG_DIR names."""
+    write_jsonl(directory / "hellaswag_val.jsonl", examples)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, RUN, TINY, env_for_tests, read_log, run_script, torchrun_cmd
+from conftest import REPO, RUN, TINY, env_for_tests, hellaswag_dir, make_examples, read_log, run_script, \
+    tiny_flops_per_token, torchrun_cmd
 
 OBSERVE = f"""
 import json, sys, traceback, weakref
@@ -130,22 +131,11 @@ torch.compile = cheap
 """
 
 
-def hellaswag_file(directory, context_words):
-    """A directory holding hellaswag_val.jsonl: an example per context length (in words), the labels in turn."""
-    words = "the a man dog runs walks into over water field then slowly quickly".split()
-    directory.mkdir()
-    with open(directory / "hellaswag_val.jsonl", "w") as f:
-        for k, n in enumerate(context_words):
-            ctx = " ".join(words[(k + i) % len(words)] for i in range(n))
-            f.write(json.dumps({"ctx": ctx, "endings": [f"{w} {w}." for w in words[k % 4:k % 4 + 4]],
-                                "label": k % 4}) + "\n")
-    return directory
-
-
 def test_a_compiled_run_does_not_recompile_after_its_first_eval_cycle(tmp_path):
-    data = hellaswag_file(tmp_path / "hellaswag", [3 + 3 * k for k in range(12)])  # 3 to 36 words: two buckets
-    out, _ = observe(tmp_path, AOT_EAGER, [*TINY, "--compile", "1", "--hellaswag", "1", "--max_steps", "6",
-                                         "--eval_interval", "2", "--log_dir", "log"],
+    examples = [dict(ex, ind=i) for i, ex in enumerate(make_examples() * 2)]  # 2 batches of 8, rows to ~95 tokens
+    data = hellaswag_dir(tmp_path / "hellaswag", examples)  # with block_size 128: two length buckets, two graphs
+    out, _ = observe(tmp_path, AOT_EAGER, [*TINY, "--block_size", "128", "--compile", "1", "--hellaswag", "1",
+                                         "--max_steps", "6", "--eval_interval", "2", "--log_dir", "log"],
                    env={"TORCH_LOGS": "recompiles", "HELLASWAG_DIR": data})
     lines = out.splitlines()
     assert "compile: True" in out and sum("hella" in ln for ln in open(tmp_path / "log" / "log.txt")) == 4
@@ -183,8 +173,7 @@ def test_the_mfu_of_two_ranks_divides_their_tokens_per_second_by_the_world_size(
                      launcher=torchrun_cmd(2)[:-1])
     info = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     assert info["world_size"] == 2 and info["dtype"] == "bfloat16"
-    # nanoGPT's estimate, recomputed here: 6N (N without the position embeddings) + 12 L H hs T
-    flops_per_token = 6 * (info["n_params"] - 16 * 16) + 12 * 2 * 2 * 8 * 16
+    flops_per_token = tiny_flops_per_token(info["n_params"])
     assert info["mfu"] == pytest.approx(flops_per_token * info["tok_per_sec"] / 2 / 1e10, rel=1e-3, abs=1e-4)
     steps = [ln for ln in out.splitlines() if "| loss:" in ln]
     assert len(steps) == 4  # (rank 0's)
@@ -196,7 +185,7 @@ def test_the_mfu_of_two_ranks_divides_their_tokens_per_second_by_the_world_size(
 def test_bfloat16_with_inductor_trains_resumes_exactly_and_keeps_to_the_float32_losses(tmp_path, shared_run):
     """The nearest the CPU gets to the GPU path: bfloat16 autocast, torch.compile with inductor (for real, the one test
     that pays for its code generation) and the compiled HellaSwag scorer, over the shared run's flags."""
-    data = hellaswag_file(tmp_path / "hellaswag", [3 + k for k in range(8)])  # short: one length bucket, one graph
+    data = hellaswag_dir(tmp_path / "hellaswag", make_examples())  # (block_size 16: one row length, one graph)
     env = env_for_tests(HELLASWAG_DIR=data, TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor-cache")
     whole = run_script("train_gpt2.py", *RUN, "--dtype", "bfloat16", "--compile", "1", "--hellaswag", "1", "--log_dir",
                        "whole", cwd=tmp_path, env=env, timeout=600)

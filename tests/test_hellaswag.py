@@ -13,38 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import REPO, TINY, offline_env, read_log, run_main, run_script
+from conftest import REPO, TINY, hellaswag_dir, make_examples, offline_env, read_log, run_main, run_script, \
+    write_jsonl
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, GPTConfig
 
-WORDS = ("a man woman dog is are was holds takes walks runs throws the ball into water over field then "
-         "slowly quickly and with his her red blue small large kitchen knife cuts bread").split()
-
-
-def text(n, seed):
-    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n))
-
-
-def make_examples():
-    """Eight examples: endings of very different lengths (so summed and mean loss disagree), one context long enough
-    that its rows pass 64 tokens (two length buckets), and every label."""
-    lengths = [(6, (2, 9, 4, 14)), (12, (7, 3, 11, 5)), (70, (5, 12, 3, 8)), (9, (15, 2, 6, 10)),
-               (4, (3, 3, 12, 6)), (20, (9, 13, 2, 7)), (15, (4, 10, 6, 2)), (8, (11, 5, 8, 3))]
-    return [{"ind": k, "ctx": text(n_ctx, k).capitalize(), "label": k % 4,
-             "endings": [text(n, k * 4 + j + 1) + "." for j, n in enumerate(ends)]}
-            for k, (n_ctx, ends) in enumerate(lengths)]
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    d = tmp_path / "hellaswag"
-    write_jsonl(d / "hellaswag_val.jsonl", make_examples())
+    d = hellaswag_dir(tmp_path / "hellaswag", make_examples())
     monkeypatch.setenv("HELLASWAG_DIR", str(d))
     return d
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
-from conftest import REPO, RUN, TINY, env_for_tests, offline_env, read_log, run_main, torchrun_cmd, train_losses
+from conftest import REPO, RUN, TINY, env_for_tests, hellaswag_dir, make_examples, offline_env, read_log, run_main, \
+    torchrun_cmd, train_losses
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, DataLoaderLite, GPTConfig, UsageError
 
@@ -47,26 +48,6 @@ def mean_val_loss(logits_of, val, B, T, steps):
 
 def last_json(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-# -- HellaSwag files ---------------------------------------------------------------------------------------------
-
-WORDS = ("the a cat dog man woman boy girl runs sits jumps eats throws holds ball water field kitchen slowly "
-         "quickly red blue small large bread knife").split()
-
-
-def phrase(n, seed):
-    return " ".join(WORDS[(seed * 5 + 3 * i) % len(WORDS)] for i in range(n))
-
-
-def hellaswag_dir(directory, n):
-    """A directory holding hellaswag_val.jsonl of n examples: contexts of 5 to 5+2n words, endings of 2 to 10 (so
-    the summed and the mean loss can pick differently), every label."""
-    directory.mkdir(parents=True, exist_ok=True)
-    examples = [{"ind": k, "ctx": phrase(5 + 2 * k, k).capitalize(), "label": k % 4,
-                 "endings": [phrase(2 + (3 * j + k) % 9, 4 * k + j) + "." for j in range(4)]} for k in range(n)]
-    (directory / "hellaswag_val.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
-    return directory
 
 
 # -- 1. --eval_only ----------------------------------------------------------------------------------------------
@@ -112,7 +93,7 @@ def test_eval_only_gives_transformers_own_val_loss_and_writes_nothing(tmp_path, 
 
 
 def test_eval_only_hellaswag_equals_the_hellaswag_command(tmp_path, hf_dir, capsys, monkeypatch):
-    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir(tmp_path / "hellaswag", 8)))
+    monkeypatch.setenv("HELLASWAG_DIR", str(hellaswag_dir(tmp_path / "hellaswag", make_examples())))
     (tmp_path / "cwd").mkdir()
     r = run_main(capsys, tmp_path / "cwd", "--eval_only", "--init_from", hf_dir, "--data", INPUT, "--T", "32", "--B",
                  "2", "--val_steps", "1", "--device", "cpu", "--hellaswag", "1")
@@ -129,7 +110,7 @@ def test_eval_only_hellaswag_equals_the_hellaswag_command(tmp_path, hf_dir, caps
 
 
 def test_eval_only_on_two_ranks_equals_one_process_reading_their_batches(tmp_path, shared_run, capsys, monkeypatch):
-    ckpt, data = shared_run[0] / "model_00024.pt", hellaswag_dir(tmp_path / "hellaswag", 7)  # the ranks get 4 and 3
+    ckpt, data = shared_run[0] / "model_00024.pt", hellaswag_dir(tmp_path / "hellaswag", make_examples()[:7])  # 4, 3
     flags = ["--eval_only", "--init_from", ckpt, "--data", INPUT, "--T", "16", "--B", "4", "--device", "cpu",
              "--hellaswag", "1"]
     for name in ("one", "two"):

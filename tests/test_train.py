@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import REPO, RUN, TINY, env_for_tests, kill_group, read_log, run_main, run_script, start, train_losses, \
-    wait_for_line
+from conftest import REPO, RUN, TINY, env_for_tests, kill_group, read_log, run_main, run_script, start, \
+    tiny_flops_per_token, train_losses, wait_for_line
 
 
 def test_import_starts_nothing(tmp_path):
@@ -288,7 +288,7 @@ def test_the_mfu_printed_is_flops_per_token_times_tokens_per_second_over_the_pea
     r = run_main(capsys, tmp_path, *TINY, "--dtype", "bfloat16", "--max_steps", "5", "--log_dir", "log")
     assert r.returncode == 0, r.stderr
     n_params = int(r.stdout.split("model: ")[1].split(" parameters")[0].replace(",", ""))
-    flops_per_token = 6 * (n_params - 16 * 16) + 12 * 2 * 2 * 8 * 16  # 6N (N without wpe) + 12 L H hs T, L=2 H=2 T=16
+    flops_per_token = tiny_flops_per_token(n_params)
     steps = [ln for ln in r.stdout.splitlines() if "| loss:" in ln]
     assert len(steps) == 5
     for line in steps:
