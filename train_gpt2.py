@@ -25,6 +25,7 @@ import torch.distributed.nn  # (first: imported later, it holds the group)
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 import hellaswag
 from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason, save_hf_tokenizer
@@ -118,6 +119,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
+        self.activation_checkpointing = False  # True: blocks recompute their activations in backward (train sets it)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -137,7 +139,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache is not None else None)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # keeps x only; the rest is recomputed in backward
+            else:
+                x = block(x, cache[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
