@@ -25,7 +25,8 @@ import numpy as np
 
 from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason
 
-DEFAULT_DATASET, DEFAULT_NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
+DEFAULT_NAME = "sample-10BT"  # (its larger samples: sample-100BT, sample-350BT)
 SHARD_SIZE = 10**8  # the lecture's 100M tokens
 SMALL_INPUT_SHARDS = 10  # input smaller than a shard: 1 val + 9 train shards
 PROGRESS_FILE = ".fineweb_progress.json"  # not named *train* or *val*: DataLoaderLite would take it for a shard
@@ -81,18 +82,25 @@ class Reader:
     (in a resumed run's shards) are not parsed."""
 
     def __init__(self, args, skip=0):
-        self.args, self.skip, self.record, self.first_bad = args, skip, 0, None
+        self.args = args
+        self.skip = skip
+        self.record = 0  # the number of the next record read
+        self.first_bad = None
 
     def __iter__(self):
         """Worker tasks of about TASK_CHARS characters: (record numbers, texts)."""
-        numbers, texts, chars = [], [], 0
+        numbers = []
+        texts = []
+        chars = 0
         for number, text in self.documents():
             numbers.append(number)
             texts.append(text)
             chars += len(text)
             if chars >= TASK_CHARS:
                 yield np.array(numbers), texts
-                numbers, texts, chars = [], [], 0
+                numbers = []
+                texts = []
+                chars = 0
         if texts:
             yield np.array(numbers), texts
 
@@ -102,7 +110,8 @@ class Reader:
         else:
             sources = [self.read_dataset(self.args.dataset, name=self.args.name, split=self.args.split)]
         for where, text, why in itertools.chain.from_iterable(sources):  # text None: a bad record
-            number, self.record = self.record, self.record + 1
+            number = self.record
+            self.record += 1
             if number < self.skip:
                 continue
             if text is not None:
@@ -138,7 +147,8 @@ class Reader:
                     text = record.get(field) if isinstance(record, dict) else None
                     why = None if isinstance(text, str) else f"has no {field!r} text (see --text_field)"
                 except ValueError as e:  # not JSON, or not UTF-8
-                    text, why = None, f"not a JSON record ({reason(e)})"
+                    text = None
+                    why = f"not a JSON record ({reason(e)})"
                 yield f"{path} line {lineno}", text if why is None else None, why
 
     def read_dataset(self, path, **kwargs):
@@ -148,7 +158,8 @@ class Reader:
             import datasets
             ds = datasets.load_dataset(path, streaming=self.args.streaming, **kwargs)
             if self.skip and not self.args.input:  # resuming: jump over the records in finished shards
-                ds, self.record = ds.skip(self.skip), self.skip
+                ds = ds.skip(self.skip)
+                self.record = self.skip
             for row in ds.select_columns([self.args.text_field]):
                 text = row[self.args.text_field]
                 yield f"{label} record {self.record + 1}", text, None if isinstance(text, str) else "no text"
@@ -218,7 +229,8 @@ def write_datafile(filename, write):
 
 def load_progress(out_dir, settings):
     """What an earlier run of this command left; another's shards are an error (mixing is silent corruption)."""
-    path, fresh = os.path.join(out_dir, PROGRESS_FILE), {"shards": [], "complete": False, "shard_size": None}
+    path = os.path.join(out_dir, PROGRESS_FILE)
+    fresh = {"shards": [], "complete": False, "shard_size": None}
     if not os.path.exists(path):
         strays = sorted(glob.glob(os.path.join(glob.escape(out_dir), "edufineweb_*.npy")))
         if strays:
@@ -241,20 +253,26 @@ class ShardWriter:
     and how many of its tokens are."""
 
     def __init__(self, out_dir, settings, progress, size):
-        self.out_dir, self.settings, self.size = out_dir, settings, size
+        self.out_dir = out_dir
+        self.settings = settings
+        self.size = size
         self.shards = list(progress["shards"])
         resume = self.shards[-1]["resume"] if self.shards else {"record": 0, "offset": 0, "documents": 0}
         self.skip = resume["offset"]  # tokens of the next document that are in the shards already
         self.documents = resume["documents"]
-        self.buf, self.fill = np.empty(size, dtype=np.uint16), 0
+        self.buf = np.empty(size, dtype=np.uint16)  # the shard being filled
+        self.fill = 0
 
     def add(self, tokens, lengths, records):
         ends = np.cumsum(lengths) - self.skip  # where each document ends within tokens[self.skip:]
-        tokens, self.skip, done = tokens[self.skip:], 0, 0
+        tokens = tokens[self.skip:]
+        self.skip = 0
+        done = 0
         while done < len(tokens):
             n = min(self.size - self.fill, len(tokens) - done)
             self.buf[self.fill:self.fill + n] = tokens[done:done + n]
-            self.fill, done = self.fill + n, done + n
+            self.fill += n
+            done += n
             if self.fill == self.size:
                 j = int(np.searchsorted(ends, done, side="right"))  # the first document not wholly written
                 if j < len(records):
@@ -307,7 +325,8 @@ def main(argv=None):
         fail(e)
     from tqdm import tqdm
 
-    start, done = time.time(), len(progress["shards"])
+    start = time.time()
+    done = len(progress["shards"])
     writer = ShardWriter(out_dir, settings, progress, progress["shard_size"] or args.shard_size or SHARD_SIZE)
     reader = Reader(args, skip=progress["shards"][-1]["resume"]["record"] if done else 0)
     writer.save_progress()  # (before any shard: a shard on disk is always one of this run's)

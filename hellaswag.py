@@ -35,7 +35,8 @@ DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hella
 HF_DATASET = "Rowan/hellaswag"  # the Hugging Face copy: split "validation", label a string
 # what the lecture's download of the val split must be: its git blob id (sha1 of b"blob <size>\0" + the bytes)
 # and its number of examples, so that a cut-off or altered download is fetched again, never parsed
-VAL_BLOB_ID, VAL_EXAMPLES = "0f5ee25d72216f12317d5d8a7b92deafa423d81e", 10042
+VAL_BLOB_ID = "0f5ee25d72216f12317d5d8a7b92deafa423d81e"
+VAL_EXAMPLES = 10042
 BUCKET = 64  # compiled evaluations see input lengths that are multiples of this: a few graphs, built once
 
 
@@ -193,7 +194,8 @@ def batches(examples, batch_size, block_size, fixed_shapes):
         yield idx, tokens, mask
 
 
-_compiled, _prepared = {}, {}
+_compiled = {}  # score_batch compiled, by backend
+_prepared = {}  # each evaluation's batches, made once
 
 
 @torch.no_grad()
@@ -224,11 +226,14 @@ def evaluate(model, examples, device, rank=0, world_size=1, block_size=None, dty
     key = (id(examples), rank, world_size, block_size, bool(compile), batch_size, str(device))
     if _prepared.get(key, [None])[0] is not examples:  # once per list: training scores the same one at every eval
         mine = examples[rank::world_size]
-        size = max(1, min(batch_size or (32 if torch.device(device).type == "cuda" else 8), len(mine)))
-        _prepared[key] = (examples, mine, size, list(batches(mine, size, block_size, bool(compile))))
-    _, mine, batch_size, prepared = _prepared[key]  # (the list is kept with its batches: its id stays its own)
+        # every rank runs as many forward passes as rank 0 (one fewer example: the first again, not counted), since
+        # under FSDP each pass is a collective of all ranks
+        scored = mine + examples[:1] * (math.ceil(len(examples) / world_size) - len(mine))
+        size = max(1, min(batch_size or (32 if torch.device(device).type == "cuda" else 8), len(scored)))
+        _prepared[key] = (examples, mine, scored, size, list(batches(scored, size, block_size, bool(compile))))
+    _, mine, scored, batch_size, prepared = _prepared[key]  # (the list is kept with its batches: its id stays its own)
     dtype = None if dtype == torch.float32 else dtype
-    losses = score(model, mine, device, batch_size, block_size, dtype, compile, progress, prepared)
+    losses = score(model, scored, device, batch_size, block_size, dtype, compile, progress, prepared)[:, :len(mine)]
     preds = losses.argmin(-1)  # (2, N): by the lowest summed loss (acc) and by the lowest mean loss (acc_norm)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     counts = torch.tensor([(preds[1] == labels).sum(), (preds[0] == labels).sum(), len(mine)], device=device)
@@ -240,7 +245,8 @@ def evaluate(model, examples, device, rank=0, world_size=1, block_size=None, dty
 def load_for_training(rank, world_size, device):
     """train_gpt2.py's val examples, read before step 0 on every rank, or none and one warning: training then goes
     on without HellaSwag, rather than stop at step 250."""
-    examples, error = [], None
+    examples = []
+    error = None
     try:
         if rank == 0:
             examples = list(iterate_examples("val"))  # (downloads the file the first time)
@@ -260,6 +266,34 @@ def load_for_training(rank, world_size, device):
     return [] if error else examples
 
 
+def load_model(model_type):
+    """transformers' GPT-2 (a name or a save_pretrained directory) in float32, as the lecture's script scores it
+    (transformers loads a directory in the dtype it was saved in), or HellaSwagUnavailable saying why not."""
+    why = None if os.path.isdir(model_type) else hub_unreachable()
+    if why:
+        raise HellaSwagUnavailable(f"cannot download {model_type} ({why}); give a directory written by save_pretrained")
+    from transformers import GPT2LMHeadModel
+    try:
+        model = GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32)
+    except Exception as e:  # (a missing file, a config that cannot be built)
+        raise HellaSwagUnavailable(f"could not load {model_type}: {reason(e)}") from None
+    if model.config.vocab_size < 50257:  # e.g. a character-level model
+        raise HellaSwagUnavailable(f"{model_type} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's "
+                                   f"50257: HellaSwag is scored here with GPT-2's tokenizer")
+    return model
+
+
+def device_here(name):
+    """Whether torch can compute on `name` (cpu, cuda, cuda:N, mps) on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return device.type == "cpu" or device.type == "mps" and torch.backends.mps.is_available()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model, as the lecture scores it")
     p.error = lambda message: sys.exit(f"hellaswag.py: error: {message}")  # (one line, no usage)
@@ -275,19 +309,14 @@ def main(argv=None):
     try:
         if any(n is not None and n < 1 for n in (args.limit, args.batch_size)):
             raise HellaSwagUnavailable("--limit and --batch_size must be positive")
+        if not device_here(args.device):
+            raise HellaSwagUnavailable(f"-d {args.device}: no such device here ({torch.cuda.device_count()} GPUs); "
+                                       f"give cpu, cuda, cuda:N or mps")
         if os.path.isfile(args.model_type):
             raise HellaSwagUnavailable(f"{args.model_type} is a file, not a transformers model: score a checkpoint "
                                        f"with python train_gpt2.py --eval_only --hellaswag 1 --init_from FILE")
         examples = list(iterate_examples(args.split))[:args.limit]  # the data first: no waiting for a model
-        why = None if os.path.isdir(args.model_type) else hub_unreachable()
-        if why:
-            raise HellaSwagUnavailable(f"cannot download {args.model_type} ({why}); give a directory written by "
-                                       f"save_pretrained")
-        from transformers import GPT2LMHeadModel
-        try:
-            model = GPT2LMHeadModel.from_pretrained(args.model_type)
-        except OSError as e:
-            raise HellaSwagUnavailable(f"could not load {args.model_type}: {reason(e)}") from None
+        model = load_model(args.model_type)
     except HellaSwagUnavailable as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)

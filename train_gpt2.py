@@ -3,9 +3,11 @@ GPT-2 (124M) as "Let's reproduce GPT-2 (124M)" builds it, in its order, with sho
 
     python train_gpt2.py                                     # a preset that fits this machine
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the lecture's run, after python fineweb.py
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --preset gpt2-xl --fsdp 1   # GPT-2 XL, sharded
 """
 
 import argparse
+import contextlib
 import datetime
 import glob
 import io
@@ -16,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -23,6 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # (first: imported later, it holds the group)
 import torch.nn as nn
+from torch.distributed.checkpoint import state_dict as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
@@ -32,15 +39,11 @@ from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason, save_hf_toke
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
 class UsageError(Exception):  # a mistake in the input: one line says what to change
     pass
 
-
 # -----------------------------------------------------------------------------
 # the model
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -62,11 +65,9 @@ class CausalSelfAttention(nn.Module):
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
-        # flash attention (a single new query sees all the cache: no mask)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # flash attention (a new query sees all: no mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side
         return self.c_proj(y)
-
 
 class MLP(nn.Module):
 
@@ -79,7 +80,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
-
 
 class Block(nn.Module):
 
@@ -95,7 +95,6 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # the longest sequence
@@ -104,6 +103,12 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
 
+    def check(self, source):
+        """A config this project cannot build, or whose vocabulary is not GPT-2's: one line naming `source`."""
+        if min(asdict(self).values()) <= 0 or self.n_embd % self.n_head:
+            raise UsageError(f"{source}: {self} cannot be built: sizes > 0, n_embd a multiple of n_head")
+        if self.vocab_size < 50257:  # e.g. nanoGPT's shakespeare_char, 65 characters
+            raise UsageError(f"{source}: {self.vocab_size} tokens, not GPT-2's 50257: this project uses GPT-2's BPE")
 
 class GPT(nn.Module):
 
@@ -150,26 +155,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    # OpenAI's checkpoints keep these as Conv1D: transposed, to nn.Linear
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (transposed)
 
     @classmethod
-    def from_pretrained(cls, model_type, ckpt=None):  # transformers' (a name or directory), or a checkpoint
-        if not ckpt and (os.path.isfile(model_type) or model_type.endswith(".pt")):
-            ckpt = load_checkpoint(model_type)
-        if not ckpt:  # transformers' GPT-2, as a checkpoint of ours
-            from transformers import GPT2LMHeadModel
-            for local in (True, False):  # a directory or the HF cache first, then the hub (a fast fail offline)
-                try:
-                    model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=local)
-                    break
-                except Exception as e:  # (a .bin loads weights_only: no code in it runs)
-                    why = hellaswag.hub_unreachable() if local and not os.path.isdir(model_type) else reason(e)
-                    if why:
-                        raise UsageError(f"could not load {model_type} ({why}); give a save_pretrained directory")
-            c, sd = model_hf.config, model_hf.state_dict()
-            ckpt = {"config": GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd).__dict__,
-                    "model": {k: v.t() if k.endswith(cls.CONV1D) else v for k, v in sd.items()}}
+    def from_pretrained(cls, model_type, ckpt=None):
+        """transformers' GPT-2 (a name or directory), or a checkpoint file; ckpt: what load_weights read of it."""
+        ckpt = ckpt or load_weights(model_type)
         model = cls(GPTConfig(**ckpt["config"]))
         try:
             model.load_state_dict(ckpt["model"])
@@ -226,16 +217,15 @@ class GPT(nn.Module):
         return idx
 
     def generate_text(self, prompt, num_samples=4, max_length=32, seed=42, top_k=50, temperature=1.0,
-                      dtype=torch.float32, stream=False):
-        """stream: print the first as it comes."""
-        enc, device = get_encoding(), self.lm_head.weight.device
+                      dtype=torch.float32, stream=False):  # stream: print the first sample as it comes
+        enc = get_encoding()
+        device = self.lm_head.weight.device
         tokens = enc.encode(prompt) or [EOT]  # an empty prompt starts from <|endoftext|>
         idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
 
         def show(token):  # (bytes: the terminal joins split characters)
             sys.stdout.buffer.write(enc.decode_single_token_bytes(token))
             sys.stdout.flush()
-
         if stream:
             print(enc.decode(tokens), end="", flush=True)
         self.eval()  # (the loop sets train mode again)
@@ -244,47 +234,45 @@ class GPT(nn.Module):
                                 show if stream else None)
         return [enc.decode(row.tolist()) for row in idx]
 
-
 # -----------------------------------------------------------------------------
 # the data: uint16 token shards (fineweb.py's, nanoGPT's, llm.c's), or a .txt file (90% train, 10% val)
-
-_TOKENS = {}
-
+_TOKENS = {}  # each file's tokens, opened once
+_IDS_CHECKED = set()  # the files whose ids were checked (when first read)
 
 def shard_files(root, split):  # fineweb.py's .npy, nanoGPT's and llm.c's .bin
     return sorted(f for ext in ("npy", "bin") for f in glob.glob(os.path.join(root, f"*{split}*.{ext}")))
 
-
-def load_tokens(filename, vocab_size):  # a memory map, checked when first opened
+def load_tokens(filename, split):
+    """A shard as a memory map, format and size checked (ids: when first read); a .txt's tokens, 90% train, 10% val."""
+    if filename not in _TOKENS and filename.endswith(".txt"):
+        try:
+            with open(filename, encoding="utf-8") as f:
+                _TOKENS[filename] = np.array(get_encoding().encode_ordinary(f.read()), dtype=np.uint16)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--data {filename} is not UTF-8 ({e.reason} at byte {e.start}); convert it")
     if filename not in _TOKENS:
         try:
             if filename.endswith(".npy"):
                 tokens = np.load(filename, mmap_mode="r", allow_pickle=False)
             else:  # nanoGPT's {train,val}.bin: raw uint16; llm.c's: 256 int32 (magic, version, count), then uint16
                 offset = 0 if os.path.basename(filename) in ("train.bin", "val.bin") else 1024
-                header, size = np.fromfile(filename, np.int32, 3).tolist(), os.path.getsize(filename)
+                header = np.fromfile(filename, np.int32, 3).tolist()
+                size = os.path.getsize(filename)
                 if offset and header != [20240520, 1, (size - 1024) / 2]:
                     raise UsageError(f"shard {filename} is not llm.c's GPT-2 format (magic 20240520, version 1, "
                                      f"tokens): its header says {header}, for {size} bytes")
                 tokens = np.memmap(filename, np.uint16, "r", offset)
         except (ValueError, OSError, EOFError) as e:
             raise UsageError(f"shard {filename} is cut short or not in its format ({e}); make it again")
-        if tokens.ndim != 1 or tokens.dtype.kind not in "ui" or tokens.size == 0 or tokens.max() >= vocab_size:
-            raise UsageError(f"shard {filename} is not 1-D token ids below vocab_size {vocab_size}")
+        if not isinstance(tokens, np.ndarray):  # np.load opens a zip (an .npz) as an archive of arrays
+            raise UsageError(f"shard {filename} is a zip (an .npz?), not one array saved by np.save; make it again")
+        if tokens.ndim != 1 or tokens.dtype.kind not in "ui" or tokens.size == 0:
+            raise UsageError(f"shard {filename} is not 1-D token ids ({tokens.dtype}, shape {tokens.shape})")
         _TOKENS[filename] = tokens
+    if filename.endswith(".txt"):
+        n = int(0.9 * len(_TOKENS[filename]))
+        return _TOKENS[filename][:n] if split == "train" else _TOKENS[filename][n:]
     return _TOKENS[filename]
-
-
-def load_text(filename, split):
-    if filename not in _TOKENS:
-        try:
-            with open(filename, encoding="utf-8") as f:
-                _TOKENS[filename] = np.array(get_encoding().encode_ordinary(f.read()), dtype=np.uint16)
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--data {filename} is not UTF-8 ({e.reason} at byte {e.start}); convert it")
-    n = int(0.9 * len(_TOKENS[filename]))
-    return _TOKENS[filename][:n] if split == "train" else _TOKENS[filename][n:]
-
 
 def find_data(data):
     """(path, note): without --data, edu_fineweb10B/ or else input.txt."""
@@ -300,25 +288,38 @@ def find_data(data):
                          f"fineweb.py --output_dir {data} --input FILES (or give a .txt file)")
     return data, None
 
-
 class DataLoaderLite:
     """Rank r of W reads B*T+1 tokens at B*T*r, then moves on by B*T*W. shuffle: each epoch, shards and documents
     in a seeded random order (a shard's rest carried into the next): none lost or repeated."""
 
     def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root=None, vocab_size=50304,
                  shuffle=False, seed=1337, device="cpu"):
-        self.B, self.T, self.process_rank, self.num_processes = B, T, process_rank, num_processes
-        self.split, self.vocab_size, self.shuffle, self.seed, self.device = split, vocab_size, shuffle, seed, device
+        self.B, self.T = B, T
+        self.process_rank = process_rank
+        self.num_processes = num_processes
+        self.split = split
+        self.vocab_size = vocab_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = device
         data_root = find_data(data_root)[0]
-        self.shards = [data_root] if os.path.isfile(data_root) else shard_files(data_root, split)
-        if not self.shards:
+        shards = [data_root] if os.path.isfile(data_root) else shard_files(data_root, split)
+        if not shards:
             raise UsageError(f"no {split} shards (*{split}*.npy or .bin) in {data_root}")
+        need = B * T * num_processes + 1  # one step's read: a shard too small for it (a last shard's rest) is skipped
+        sizes = {path: len(load_tokens(path, split)) for path in shards}  # every shard's format and size, before step 0
+        self.shards = [path for path in shards if sizes[path] >= need]
+        for path in [path for path in shards if sizes[path] < need and process_rank == 0]:
+            print(f"skipped {path}: too small for one step", flush=True)
+        self.sizes = [sizes[path] for path in self.shards]
+        if not self.shards:
+            raise UsageError(f"{split} data too small for one step ({need} tokens, B*T*world_size+1): lower --B or --T")
         self.reset()
-        if len(self.tokens) < B * T * num_processes + 1:
-            raise UsageError(f"{split} data too small for one step (B*T*world_size+1 tokens): lower --B or --T")
 
     def reset(self):
-        self.epoch, self.current_shard, self.position = 0, 0, 0
+        self.epoch = 0
+        self.current_shard = 0
+        self.position = 0
         self.open(np.zeros(0, dtype=np.uint16))
 
     def open(self, carry):
@@ -326,13 +327,21 @@ class DataLoaderLite:
         if self.shuffle:
             shard = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))[shard]
         path = self.shards[shard]
-        tokens = load_text(path, self.split) if path.endswith(".txt") else load_tokens(path, self.vocab_size)
+        tokens = load_tokens(path, self.split)
+        if path not in _IDS_CHECKED:  # every id in 0..vocab_size-1 (a 1e8-token shard: a fraction of a second)
+            low = int(tokens.min()) if tokens.dtype.kind == "i" else 0
+            high = int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise UsageError(f"shard {path} is not 1-D token ids below vocab_size {self.vocab_size} (it holds "
+                                 f"{low if low < 0 else high}); make it again")
+            _IDS_CHECKED.add(path)
         if self.shuffle:
             starts = np.flatnonzero(tokens == EOT)
             starts = np.concatenate([[0], starts[starts > 0], [len(tokens)]])
             order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(len(starts) - 1)
             tokens = np.concatenate([carry] + [tokens[starts[i]:starts[i + 1]] for i in order])
-        self.carry, self.tokens = carry, tokens
+        self.carry = carry
+        self.tokens = tokens
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -346,7 +355,8 @@ class DataLoaderLite:
         self.position += B * T * self.num_processes
         if self.position + B * T * self.num_processes + 1 > len(self.tokens):  # the next read does not fit
             carry = self.tokens[self.position:] if self.shuffle else self.carry
-            self.current_shard, self.position = (self.current_shard + 1) % len(self.shards), 0
+            self.current_shard = (self.current_shard + 1) % len(self.shards)
+            self.position = 0
             if self.current_shard == 0:
                 self.epoch += 1
             self.open(carry)
@@ -359,14 +369,13 @@ class DataLoaderLite:
     def load_state_dict(self, state):
         if (state["shards"], state["shuffle"]) != (len(self.shards), self.shuffle):
             raise UsageError("the checkpoint read other shards: give the same --data and --shuffle")
-        self.epoch, self.current_shard, self.position = state["epoch"], state["shard"], state["position"]
+        self.epoch = state["epoch"]
+        self.current_shard = state["shard"]
+        self.position = state["position"]
         self.open(state["carry"].numpy().astype(np.uint16))
-
 
 # -----------------------------------------------------------------------------
 # the learning rate schedule, MFU, checkpoints
-
-
 def get_lr(it, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
     if it < warmup_steps:  # linear warmup
         return max_lr * (it + 1) / warmup_steps
@@ -376,39 +385,40 @@ def get_lr(it, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
 
-
-# MFU's denominator: dense 16-bit tensor-core FLOP/s (data sheets' "with sparsity" halved) by exact
-# torch.cuda.get_device_name(); other devices: no MFU
-PEAK_FLOPS = {  # the H100, H200, GH200 data sheets
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
-    "NVIDIA GH200 480GB": 989e12, "NVIDIA GH200 144G HBM3e": 989e12,
+# MFU's denominator: dense 16-bit tensor-core FLOP/s (data sheets' "with sparsity" halved), by exact device name
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,  # the H100 data sheet
+    "NVIDIA H200": 989e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA GH200 144G HBM3e": 989e12,  # H200, GH200 sheets
     "NVIDIA B200": 2250e12,  # the HGX B200 data sheet
-    # the A100, A10, RTX A6000 data sheets; AWS's A10G has none: GA102's rate, fp32 accumulation
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A10": 125e12, "NVIDIA A10G": 70e12, "NVIDIA RTX A6000": 155e12,
-    # the L4, L40S, RTX 6000 Ada data sheets
-    "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12, "NVIDIA RTX 6000 Ada Generation": 364e12,
-    # the Ampere, Ada whitepapers' GeForce rates, fp32 accumulation (torch's matmuls)
-    "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,  # the A100 data sheet
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A10": 125e12,  # the A10 data sheet (AWS's A10G has none: no MFU)
+    "NVIDIA RTX A6000": 155e12,  # the RTX A6000 data sheet
+    "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12,  # the L4, L40S data sheets
+    "NVIDIA RTX 6000 Ada Generation": 364e12,  # the RTX 6000 Ada data sheet
+    "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,  # Ampere, Ada whitepapers: fp32 accumulate
     "Tesla T4": 65e12, "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12,  # the T4, V100 data sheets
-    # the MI300X, MI250X data sheets; torch sees an MI250X as 2 devices (383e12 the pair)
-    "AMD Instinct MI300X": 1307e12, "AMD Instinct MI250X": 191.5e12, "AMD Instinct MI250X/MI250": 191.5e12}
-
+    "AMD Instinct MI300X": 1307e12,  # the MI300X data sheet
+    "AMD Instinct MI250X": 191.5e12,  # the MI250X data sheet: 383e12 for its 2 dies, which torch sees as 2 devices
+    "AMD Instinct MI250": 181e12,  # the MI250 data sheet: 362e12 for its 2 dies
+}
 
 def load_checkpoint(path, resume=False):
-    """Ours, the lecture's or nanoGPT's, to the CPU, as ours: weights_only (and the lecture's GPTConfig by name)."""
+    """Ours, the lecture's or nanoGPT's, as ours: weights_only (their GPTConfig by name), memory-mapped, on the CPU."""
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals([(GPTConfig, "__main__.GPTConfig")]):
             warnings.simplefilter("ignore")  # (torch's, before it refuses a plain pickle)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path}: {reason(e)}")
     try:
         config = ckpt.get("model_args") or ckpt["config"]  # nanoGPT's, ours, or the lecture's GPTConfig
-        config = {k: int(vars(config)[k] if isinstance(config, GPTConfig) else config[k]) for k in MODEL_KEYS}
+        config = asdict(config) if isinstance(config, GPTConfig) else config
+        config = {k: int(config[k]) for k in MODEL_KEYS}
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
     except Exception:  # (any other layout)
         raise UsageError(f"{path} is not a checkpoint of train_gpt2.py, the lecture's or nanoGPT's")
+    GPTConfig(**config).check(path)
     if resume and "train_loader" not in ckpt:
         raise UsageError(f"{path} holds weights, not a run to resume: start from it with --init_from {path}")
     if "model_args" in ckpt:  # nanoGPT's bias=False: zero biases
@@ -420,15 +430,29 @@ def load_checkpoint(path, resume=False):
     ckpt.update(config=config, model=sd)
     return ckpt
 
+def load_weights(source):
+    """A checkpoint file, or transformers' GPT-2 (a name or directory) as a checkpoint of ours: {"config", "model"}."""
+    if os.path.isfile(source) or source.endswith(".pt"):
+        return load_checkpoint(source)
+    from transformers import GPT2LMHeadModel
+    why = None if os.path.isdir(source) else hellaswag.hub_unreachable()  # (offline: the HF cache, or one line now)
+    try:
+        model_hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=why is not None)
+    except Exception as e:  # (a .bin loads weights_only: no code in it runs)
+        raise UsageError(f"could not load {source} ({why or reason(e)})" + ("; give a save_pretrained directory" if why
+                                                                            else ""))
+    c = model_hf.config
+    config = GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd)
+    config.check(source)
+    sd = {k: v.t() if k.endswith(GPT.CONV1D) else v for k, v in model_hf.state_dict().items()}
+    return {"config": asdict(config), "model": sd}
 
 def latest_checkpoint(log_dir):
     steps = {int(p[-8:-3]): p for p in glob.glob(os.path.join(log_dir, "model_*.pt")) if p[-8:-3].isdigit()}
     return steps[max(steps)] if steps else None
 
-
 # -----------------------------------------------------------------------------
 # configuration: flags (the lecture's recipe by default), presets, checks before any work
-
 @dataclass
 class Recipe:  # the lecture's run; a flag per field (--B 32); presets change some
     data: str = None  # shards' directory or .txt (default edu_fineweb10B/, else input.txt)
@@ -452,92 +476,122 @@ class Recipe:  # the lecture's run; a flag per field (--B 32); presets change so
     shuffle: int = 0  # 1: shards and documents in a seeded random order each epoch
     seed: int = 1337
 
-
-PRESETS = {"gpt2": {}, "shakespeare": dict(  # nanoGPT's CPU Shakespeare size: minutes on a laptop
-    B=16, T=64, total_batch_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=64, max_lr=1e-3, warmup_steps=100,
-    max_steps=800, eval_interval=200, checkpoint_interval=800, hellaswag=0)}
-RUN_KEYS = [f.name for f in fields(Recipe)] + ["dtype", "compile"]  # (restored on resume)
+PRESETS = {
+    "gpt2": {},  # the lecture's recipe
+    "shakespeare": dict(  # nanoGPT's CPU Shakespeare size: minutes on a laptop
+        B=16, T=64, total_batch_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=64, max_lr=1e-3,
+        warmup_steps=100, max_steps=800, eval_interval=200, checkpoint_interval=800, hellaswag=0),
+    # llm.c's recipes for the bigger GPT-2s; B: the largest that fits an 80 GB GPU (tools/memory_plan.py), under DDP,
+    # and for gpt2-xl (which does not fit DDP at llm.c's B) under FSDP, which its preset turns on
+    "gpt2-medium": dict(  # 350M, 60,000 steps of 524,288 tokens: 31B tokens
+        n_layer=24, n_head=16, n_embd=1024, B=32, max_lr=3e-4, min_lr=0.0, warmup_steps=700, max_steps=60000),
+    "gpt2-large": dict(  # 774M, 286,102 steps of 524,288 tokens: 150B tokens
+        n_layer=36, n_head=20, n_embd=1280, B=16, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700, max_steps=286102),
+    "gpt2-xl": dict(  # 1558M, 32,000 steps of 1,048,576 tokens: 34B tokens
+        n_layer=48, n_head=25, n_embd=1600, B=16, fsdp=1, total_batch_size=1048576, max_lr=6e-4, min_lr=6e-5,
+        warmup_steps=700, max_steps=32000),
+}
+OPTIONS = dict(  # the flags that are not the recipe's, and their defaults
+    preset="auto", log_dir="log", compile=None, fsdp=0, activation_checkpointing=0, device="auto", dtype="auto",
+    resume=None, init_from=None, benchmark=None, eval_only=False, sample=None, num_samples=4, max_new_tokens=32,
+    temperature=1.0, top_k=50, export_hf=None)
+RUN_KEYS = [f.name for f in fields(Recipe)] + ["dtype", "compile", "fsdp", "activation_checkpointing"]  # (resumed)
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
 
-
 def build_parser():
-    p = argparse.ArgumentParser(allow_abbrev=False)
+    """The command line. Defaults are Recipe's and OPTIONS': parse_args gives only the flags given."""
+    p = argparse.ArgumentParser(allow_abbrev=False, argument_default=argparse.SUPPRESS)
     p.error = lambda message: sys.exit(f"train_gpt2.py: error: {message}")  # (one line, no usage)
     a = p.add_argument
     for f in fields(Recipe):
-        a(f"--{f.name}", type=f.type, default=f.default)
-    a("--preset", choices=["auto"] + list(PRESETS), default="auto")
-    a("--log_dir", default="log")
-    a("--compile", type=int, help="1/0 (default 1 on CUDA)")
-    a("--device", default="auto")
-    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+        a(f"--{f.name}", type=f.type, help=f"default {f.default}")
+    a("--preset", choices=["auto"] + list(PRESETS), help="default auto: gpt2 on a GPU with FineWeb, else shakespeare")
+    a("--log_dir", help="default log")
+    a("--compile", type=int, help="1/0 (default 1 on CUDA, when training)")
+    a("--fsdp", type=int, help="1: under torchrun, shard the model, gradients and AdamW state (FSDP2); default 0: DDP")
+    a("--activation_checkpointing", type=int, help="1: each block recomputes its activations in backward")
+    a("--device", help="auto (default), cuda, cuda:N, mps or cpu")
+    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     a("--resume", help="auto (the newest in --log_dir) or a checkpoint")
     a("--init_from", help="gpt2[-medium|-large|-xl], a save_pretrained directory or a checkpoint")
     a("--benchmark", type=int, metavar="N", help="N steps, then a JSON line of speed")
     a("--eval_only", action="store_true", help="with --init_from: evaluate as training does, no training")
     a("--sample", metavar="PROMPT")
-    a("--num_samples", type=int, default=4)
-    a("--max_new_tokens", type=int, default=32)
-    a("--temperature", type=float, default=1.0)
-    a("--top_k", type=int, default=50)
+    for name in ("num_samples", "max_new_tokens", "temperature", "top_k"):  # (--sample's)
+        a(f"--{name}", type=type(OPTIONS[name]), help=f"default {OPTIONS[name]}")
     a("--export_hf", metavar="DIR")
     return p
 
-
 def parse_config(argv, world_size):
-    """Flags given, over a resumed checkpoint's, the preset's, the recipe's."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in p._actions for s in argv if any(s == o or s.startswith(o + "=") for o in a.option_strings)}
-    if "RANK" in os.environ and args.device.startswith("cuda:"):
-        raise UsageError(f"--device {args.device} under torchrun: each rank takes cuda:LOCAL_RANK; give --device cuda")
-    ckpt = None
-    if args.resume:
-        path = latest_checkpoint(args.log_dir) if args.resume == "auto" else args.resume
-        if args.init_from or (path and not os.path.isfile(path)):
-            raise UsageError(f"--resume {args.resume}: no such file (or --init_from too)")
-        if not path:
-            print(f"--resume auto: no checkpoint in {args.log_dir}, starting afresh")
-        ckpt = path and load_checkpoint(path, resume=True)
-    device_type = pick_device(args.device).split(":")[0]
-    preset, why = args.preset, "asked for"
-    if preset == "auto":  # the recipe on a GPU with FineWeb shards (1e8+ tokens), else a small GPT
-        shards = shard_files(find_data(args.data)[0], "train")  # (a .txt: none)
+    """(settings, why this preset, the weights or run to start from): flags given over a resumed run's, a preset's."""
+    given = vars(build_parser().parse_args(argv))  # the flags on the command line, and only those
+    flags = argparse.Namespace(**{**asdict(Recipe()), **OPTIONS, **given})
+    if "RANK" in os.environ and flags.device.startswith("cuda:"):
+        raise UsageError(f"--device {flags.device} under torchrun: each rank takes cuda:LOCAL_RANK; give --device cuda")
+    device_type = pick_device(flags.device).split(":")[0]
+    resume = latest_checkpoint(flags.log_dir) if flags.resume == "auto" else flags.resume
+    if flags.resume and (flags.init_from or (resume and not os.path.isfile(resume))):
+        raise UsageError(f"--resume {flags.resume}: no such file (or --init_from too)")
+    if flags.resume and not resume:
+        print(f"--resume auto: no checkpoint in {flags.log_dir}, starting afresh")
+    ckpt = None  # the run to resume, or the weights to start from
+    if resume or flags.init_from:
+        ckpt = load_checkpoint(resume, resume=True) if resume else load_weights(flags.init_from)
+    command = flags.sample is not None or flags.export_hf
+    if (command or flags.eval_only) and not ckpt:
+        raise UsageError("give --init_from (or --resume): what to load")
+
+    if resume:
+        preset, why = ckpt["args"].get("preset", "auto"), "resumed"
+    elif flags.preset != "auto" or command:  # (sampling and export: the preset is not used)
+        preset, why = "gpt2" if flags.preset == "auto" else flags.preset, "asked for"
+    else:  # the recipe on a GPU with FineWeb shards (1e8 tokens and more), else a small GPT
+        shards = shard_files(find_data(flags.data)[0], "train")  # (a .txt: none)
         big = sum(map(os.path.getsize, shards)) >= 2e8  # (uint16)
         preset = "gpt2" if device_type == "cuda" and big else "shakespeare"
         why = f"{device_type}, {'over' if big else 'under'} 1e8 tokens of train shards"
-    p.set_defaults(**PRESETS[preset])
-    p.set_defaults(**{k: v for k, v in (ckpt or {"args": {}})["args"].items() if k in RUN_KEYS})
-    args = p.parse_args(argv, argparse.Namespace(given=sorted(given)))
-    args.resume = ckpt and path
-    if (args.sample is not None or args.export_hf or args.eval_only) and not (args.init_from or args.resume):
-        raise UsageError("give --init_from (or --resume): what to load")
-    if "max_steps" in given and "warmup_steps" not in given and not ckpt:
-        args.warmup_steps = max(1, round(args.max_steps * 715 / 19073))  # the lecture's share of warmup
-    args.min_lr = args.max_lr * 0.1 if args.min_lr is None else args.min_lr
-    for k, v in vars(args).items():  # every number > 0, a few >= 0 (the seed: any; the switches: 0 or 1)
-        if type(v) not in (int, float) or k in ("seed", "hellaswag", "shuffle", "compile"):
-            continue
-        at_least_0 = k in ("warmup_steps", "weight_decay", "min_lr")
-        if (v < 0 if at_least_0 else v <= 0) or k == "min_lr" and v > args.max_lr:
-            raise UsageError(f"--{k} {v} is out of range: give {'>= 0' if at_least_0 else '> 0'}"
-                             + (" and <= --max_lr" if k == "min_lr" else ""))
-    if args.n_embd % args.n_head or args.vocab_size < 50257:
-        raise UsageError("--n_embd must be a multiple of --n_head, --vocab_size >= 50257")
-    if args.total_batch_size % (args.B * args.T * world_size) and not args.eval_only:
-        raise UsageError(f"--total_batch_size: give a multiple of B*T*world_size = {args.B * args.T * world_size}")
-    return args, preset, why, ckpt
+    settings = {**asdict(Recipe()), **OPTIONS, **PRESETS.get(preset, {})}
+    if resume:
+        settings.update({k: v for k, v in ckpt["args"].items() if k in RUN_KEYS})
+    elif flags.eval_only:  # the model's own shape: our checkpoint's B, T and val_steps, or its block size as T
+        shape = ckpt.get("args") or dict(B=Recipe.B, T=ckpt["config"]["block_size"], val_steps=Recipe.val_steps)
+        settings.update(B=shape["B"], T=shape["T"], val_steps=shape["val_steps"])
+    settings.update(given)
+    settings.update(given=sorted(given), preset=preset, resume=resume)  # (the flags given, by name)
+    args = argparse.Namespace(**settings)
+    if "max_steps" in given and "warmup_steps" not in given and not resume:  # the warmup keeps its share
+        schedule = {**asdict(Recipe()), **PRESETS[preset]} if preset.startswith("gpt2") else asdict(Recipe())
+        args.warmup_steps = max(1, round(args.max_steps * schedule["warmup_steps"] / schedule["max_steps"]))
+    if args.min_lr is None:
+        args.min_lr = args.max_lr * 0.1
 
+    for name, value in vars(args).items():  # every number > 0; a few >= 0; the switches 0 or 1; the seed any
+        if type(value) not in (int, float) or name == "seed":  # (text, flags not given, --eval_only)
+            continue
+        if name in ("hellaswag", "shuffle", "compile", "fsdp", "activation_checkpointing"):
+            if value not in (0, 1):
+                raise UsageError(f"--{name} {value}: give 0 or 1")
+        elif name in ("warmup_steps", "weight_decay", "min_lr"):
+            if value < 0:
+                raise UsageError(f"--{name} {value} is out of range: give >= 0")
+        elif value <= 0:
+            raise UsageError(f"--{name} {value} is out of range: give > 0")
+    if args.min_lr > args.max_lr:
+        raise UsageError(f"--min_lr {args.min_lr} is out of range: give >= 0 and <= --max_lr")
+    GPTConfig(**{k: getattr(args, k) for k in MODEL_KEYS}).check("the model flags")
+    if args.fsdp and device_type not in ("cuda", "cpu"):
+        raise UsageError(f"--fsdp 1 shards over CUDA GPUs (nccl) or CPUs (gloo), not {device_type}: give --fsdp 0")
+    if args.total_batch_size % (args.B * args.T * world_size) and not (args.eval_only or command):
+        raise UsageError(f"--total_batch_size: give a multiple of B*T*world_size = {args.B * args.T * world_size}")
+    return args, why, ckpt
 
 def pick_device(requested):
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = requested.split(":")[0]
-    if kind not in ("cuda", "cpu", "mps") or kind != "cpu" and not getattr(torch, kind).is_available():
-        raise UsageError(f"--device {requested}: not here; give auto, cuda, cuda:N, mps or cpu")
+    if not hellaswag.device_here(requested):  # (hellaswag.py's -d checks the same)
+        raise UsageError(f"--device {requested}: not here ({torch.cuda.device_count()} GPUs); give auto, cuda, cuda:N, "
+                         f"mps or cpu")
     return requested
-
 
 def pick_dtype(requested, device_type):
     if requested != "auto":
@@ -548,16 +602,17 @@ def pick_dtype(requested, device_type):
         return torch.bfloat16, "the GPU has bfloat16 tensor cores"
     return torch.float16, "the GPU has no native bfloat16: float16, with a gradient scaler"
 
-
-def command(args):
+def command(args, ckpt):
     source = args.init_from or args.resume
     device = pick_device(args.device)
-    model, dtype = GPT.from_pretrained(source).to(device), pick_dtype(args.dtype, device.split(":")[0])[0]
+    model = GPT.from_pretrained(source, ckpt).to(device)
+    dtype = pick_dtype(args.dtype, device.split(":")[0])[0]
     if args.sample is not None:
         max_length = len(get_encoding().encode(args.sample) or [EOT]) + args.max_new_tokens
+        seed = args.seed if "seed" in args.given else 42
         print(f"sampling from {source}")
-        texts = model.generate_text(args.sample, args.num_samples, max_length, args.seed if "seed" in args.given
-                                    else 42, args.top_k, args.temperature, dtype, stream=args.num_samples == 1)
+        texts = model.generate_text(args.sample, args.num_samples, max_length, seed, args.top_k, args.temperature,
+                                    dtype, stream=args.num_samples == 1)
         print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)) if args.num_samples > 1 else "")
     else:  # the model and GPT-2's tokenizer
         out = os.path.abspath(args.export_hf)
@@ -569,11 +624,66 @@ def command(args):
             save_hf_tokenizer(tmp, model.config.block_size)
         print(f"exported {source} to {out}")
 
+# -----------------------------------------------------------------------------
+# DDP or FSDP: the processes torchrun starts, and the model they train
+def parallelize(model, args, device_type, use_compile, fsdp, ddp, local_rank):
+    """(model, raw_model): what the step calls, and the plain module. DDP: each process holds the model and AdamW's
+    state, 16 bytes a parameter; FSDP: 1/world_size of that, a block's weights gathered while it computes."""
+    model.activation_checkpointing = bool(args.activation_checkpointing)  # (GPT.forward: less memory, more compute)
+    if fsdp:
+        # FSDP2 as torchtitan applies it: each Block a unit, compiled before it is sharded; the root holds the rest, so
+        # wte and the tied lm_head stay one parameter. Gradients are reduce-scattered at every micro step (overlapped
+        # with backward): accumulated unsharded, they would hold 4 bytes a parameter on every GPU, what sharding saves
+        # (a process group of its own: DTensor's caches keep it to Python's exit; main ends the default one before)
+        mesh = DeviceMesh.from_group(dist.new_group(), device_type)
+        for block in model.transformer.h:
+            if use_compile:
+                block.compile()
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, model
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp and not args.eval_only:  # (buckets as .grad: no second copy)
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
+    return model, raw_model
+
+def rekey(state, keys):  # an optimizer state dict with its parameters' keys mapped: names to indices, or back
+    return {"state": {keys[k]: s for k, s in state["state"].items()},
+            "param_groups": [dict(group, params=[keys[k] for k in group["params"]]) for group in state["param_groups"]]}
+
+def full_state(model, optimizer, fsdp):
+    """The model's and optimizer's state dicts in a checkpoint's format; under FSDP gathered to rank 0 (all call it)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = dcp.get_model_state_dict(model, options=options)  # (first: the optimizer's then finds its names)
+    state = dcp.get_optimizer_state_dict(model, optimizer, options=options)  # (by name; on rank 0, else {})
+    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+    return model_state, rekey(state, index) if state else {}
+
+def load_optimizer_state(model, optimizer, state, fsdp):
+    """A checkpoint's optimizer state, written by one process, by DDP or by FSDP, on any number of ranks."""
+    if fsdp:  # (each rank keeps its shard of every tensor)
+        options = dcp.StateDictOptions(full_state_dict=True)
+        dcp.set_optimizer_state_dict(model, optimizer, rekey(state, parameter_names(model, optimizer)), options=options)
+    else:
+        optimizer.load_state_dict(state)
+
+def parameter_names(model, optimizer):  # the parameters' names, in the order optimizer.state_dict() numbers them
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+def state_bytes(model, optimizer):
+    """The bytes of parameters, gradients and optimizer state this process holds (under FSDP: its shards)."""
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in local}.values())  # (shared: once)
 
 # -----------------------------------------------------------------------------
 # training
-
-
 def claim_log_dir(log_dir, resume):
     """One run per log_dir: a lock the kernel drops when the process ends. A fresh run moves an earlier one aside."""
     try:
@@ -601,40 +711,55 @@ def claim_log_dir(log_dir, resume):
         print(f"{log_dir} held an earlier run: moved to {dest}")
     return lock
 
-
-def train(args, preset, why, ckpt):
-    # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    ddp_rank, ddp_local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+def train(args, why, ckpt):
+    ddp = int(os.environ.get("RANK", -1)) != -1  # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp_rank = int(os.environ.get("RANK", 0))
+    ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
     ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
     master_process = ddp_rank == 0  # logs and writes the checkpoints
     device = pick_device(args.device)
     device_type = device.split(":")[0]
-    device = f"cuda:{ddp_local_rank}" if device == "cuda" else device
+    if device == "cuda":
+        device = f"cuda:{ddp_local_rank}"
     dtype, dtype_why = pick_dtype(args.dtype, device_type)
-    print0 = lambda *a: master_process and print(*a, flush=True)
-    bench, log_dir, B, T, total_batch_size = args.benchmark, args.log_dir, args.B, args.T, args.total_batch_size
+    use_compile = bool(args.compile) if args.compile is not None else device_type == "cuda" and not args.eval_only
+    fsdp = bool(args.fsdp) and ddp_world_size > 1  # (one process: nothing to shard)
+    bench = args.benchmark
+    B, T = args.B, args.T
+    total_batch_size = args.total_batch_size
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+
+    def print0(*a):
+        if master_process:
+            print(*a, flush=True)
     data, note = find_data(args.data)
     args.data = data  # (for a resumed run and the notebook)
-    print0(f"preset: {preset} ({why}); data: {data}{' (' + note + ')' if note else ''}; device: {device_type} x "
-           f"{ddp_world_size}; dtype: {str(dtype)[6:]} ({dtype_why})")
-    print0(f"total desired batch size: {total_batch_size}")
-    print0(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
-    train_loader = None if args.eval_only else DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", data,
-                                                              args.vocab_size, args.shuffle, args.seed, device)
+    print0(f"preset: {args.preset} ({why}); data: {data}{' (' + note + ')' if note else ''}")
+    parallel = "FSDP" if fsdp else "DDP" if ddp else "one process" + (" (nothing to shard)" if args.fsdp else "")
+    print0(f"device: {device_type} x {ddp_world_size}; dtype: {str(dtype)[6:]} ({dtype_why}); compile: {use_compile}; "
+           f"{parallel}; activation checkpointing: {bool(args.activation_checkpointing)}")
+    train_loader = None
+    if not args.eval_only:
+        print0(f"total desired batch size: {total_batch_size}")
+        print0(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
+        train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", data, args.vocab_size, args.shuffle,
+                                      args.seed, device)
     val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", data, args.vocab_size, device=device)
+    val_steps = min(args.val_steps, sum((n - 1) // (B * T * ddp_world_size) for n in val_loader.sizes))  # all distinct
+    if val_steps < args.val_steps:
+        print0(f"val: {val_steps} batches of B*T*world_size tokens, all there are, not --val_steps {args.val_steps}")
     writes = master_process and not bench and not args.eval_only  # (log.txt and checkpoints)
-    _lock = writes and claim_log_dir(log_dir, args.resume)  # (held to the end)
+    _lock = claim_log_dir(args.log_dir, args.resume) if writes else None  # (held to the end)
 
     if ddp:  # nccl between GPUs, gloo between CPUs
-        backend, attempt = "nccl" if device_type == "cuda" else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
             dist.init_process_group(backend)
         else:  # a torchrun restart: store keys of its own
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=ddp_rank,
-                                    world_size=ddp_world_size)
+            store = dist.PrefixStore(f"attempt{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=ddp_rank, world_size=ddp_world_size)
     if device_type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls outside autocast
@@ -642,7 +767,7 @@ def train(args, preset, why, ckpt):
     # HellaSwag: read now, so a bad file shows before step 0
     examples = hellaswag.load_for_training(ddp_rank, ddp_world_size, device) if args.hellaswag and not bench else []
 
-    if ckpt or args.init_from:  # the model: the checkpoint's, pretrained, or new
+    if ckpt:  # the model: the checkpoint's, pretrained, or new
         model = GPT.from_pretrained(args.resume or args.init_from, ckpt)
     else:
         model = GPT(GPTConfig(**{k: getattr(args, k) for k in MODEL_KEYS}))
@@ -652,21 +777,16 @@ def train(args, preset, why, ckpt):
         raise UsageError(f"the model has {', '.join(f'{k}={getattr(config, k)}' for k in clash)}: drop those flags")
     if T > config.block_size:
         raise UsageError(f"--T {T} is longer than the model's block size {config.block_size}")
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token(T)
     model.to(device)
-    raw_model = model  # (the plain module: compile and DDP wrap it)
-    use_compile = bool(args.compile) if args.compile is not None else device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)
-    if ddp and not args.eval_only:  # (buckets as .grad: no second copy)
-        model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None,
-                    gradient_as_bucket_view=True)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"model: {n_params:,} parameters, {config}; compile: {use_compile}")
-    autocast = lambda: torch.autocast(device_type, dtype, enabled=dtype != torch.float32)
+    model, raw_model = parallelize(model, args, device_type, use_compile, fsdp, ddp, ddp_local_rank)
+    print0(f"model: {n_params:,} parameters, {config}")
+    eager = fsdp and use_compile  # (under FSDP, sampling and HellaSwag run the compiled blocks eagerly: shapes vary)
 
     def log(line):  # log.txt, appended
         if writes:
-            with open(os.path.join(log_dir, "log.txt"), "a") as f:
+            with open(os.path.join(args.log_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
     def evaluate(step):
@@ -675,37 +795,40 @@ def train(args, preset, why, ckpt):
         val_loader.reset()
         with torch.no_grad():
             val_loss_accum = torch.zeros((), device=device)
-            for _ in range(args.val_steps):
+            for _ in range(val_steps):
                 x, y = val_loader.next_batch()
-                with autocast():
+                with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):
                     loss = model(x, y)[1]
-                val_loss_accum += loss.detach() / args.val_steps
+                val_loss_accum += loss.detach() / val_steps
         if ddp:
             dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
-        r = dict(val_loss=val_loss_accum.item() / ddp_world_size, val_tokens=args.val_steps * B * T * ddp_world_size,
-                 **dict.fromkeys(["hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples"]))
+        r = dict(val_loss=val_loss_accum.item() / ddp_world_size, val_tokens=val_steps * B * T * ddp_world_size,
+                 hellaswag_acc=None, hellaswag_acc_norm=None, hellaswag_examples=None)
         print0(f"step {step:5d} | val loss: {r['val_loss']:.4f}")
         log(f"{step} val {r['val_loss']:.4f}")
         if examples:
-            n_norm, n, total = hellaswag.evaluate(raw_model, examples, device, ddp_rank, ddp_world_size,
-                                                  config.block_size, dtype, compile=use_compile)
+            with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                n_norm, n, total = hellaswag.evaluate(raw_model, examples, device, ddp_rank, ddp_world_size,
+                                                      config.block_size, dtype, compile=use_compile and not fsdp)
             r.update(hellaswag_acc=n / total, hellaswag_acc_norm=n_norm / total, hellaswag_examples=total)
             print0(f"step {step:5d} | HellaSwag accuracy: {n_norm}/{total}={n_norm / total:.4f} (acc {n / total:.4f})")
             log(f"{step} hella {n_norm / total:.4f}")
         return r
 
     if args.eval_only:  # the loop's evaluation, once: nothing trained or written
-        print0(json.dumps(dict(evaluate(0), model=args.init_from or args.resume, data=data, dtype=str(dtype)[6:],
-                               world_size=ddp_world_size)))
-        return
-
-    max_lr, min_lr, warmup_steps, max_steps = args.max_lr, args.min_lr, args.warmup_steps, args.max_steps
-    print0(f"schedule: warmup {warmup_steps} steps to max_lr {max_lr:g}, cosine to min_lr {min_lr:g} at {max_steps}")
-    optimizer = raw_model.configure_optimizers(args.weight_decay, max_lr, device_type, master_process)
+        result = evaluate(0)
+        result.update(model=args.init_from or args.resume, data=data, B=B, T=T, val_steps=val_steps,
+                      val_steps_asked=args.val_steps, dtype=str(dtype)[6:], world_size=ddp_world_size)
+        print0(json.dumps(result))
+        return 0
+    max_steps = args.max_steps
+    print0(f"schedule: warmup {args.warmup_steps} steps to max_lr {args.max_lr:g}, cosine to min_lr {args.min_lr:g} at "
+           f"{max_steps}")
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, device_type, master_process)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # float16: a scaled loss
     start_step = 0
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if args.resume:
+        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], fsdp)
         if ckpt["scaler"] or not scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         else:
@@ -717,12 +840,15 @@ def train(args, preset, why, ckpt):
 
     def save_checkpoint(step):
         """After `step` updates; a failed write stops the run, the earlier ones intact."""
-        path, error = os.path.join(log_dir, f"model_{step:05d}.pt"), None
+        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
+        error = None
+        if fsdp or master_process:  # (under FSDP a collective: every rank gathers its shards)
+            model_state, optimizer_state = full_state(raw_model, optimizer, fsdp)
         if master_process:
             buf = io.BytesIO()  # (then a failed write is an OSError)
-            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "config": asdict(config), "step": step, "args": vars(args),
-                        "train_loader": train_loader.state_dict(), "world_size": ddp_world_size, "val_loss": val_loss},
+            torch.save({"model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                        "config": asdict(config), "step": step, "args": vars(args), "world_size": ddp_world_size,
+                        "train_loader": train_loader.state_dict(), "val_loss": val_loss if val_step == step else None},
                        buf)
             try:
                 with atomic_write(path) as tmp, open(tmp, "wb") as f:
@@ -741,20 +867,27 @@ def train(args, preset, why, ckpt):
     stop = []  # preemption (SIGTERM, Ctrl-C): end the step, checkpoint, stop
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
-    flops_per_token = raw_model.flops_per_token(T)
     device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
     peak = PEAK_FLOPS.get(device_name) if dtype != torch.float32 else None
-    mfu = lambda tokens_per_sec: flops_per_token * tokens_per_sec / ddp_world_size / peak
-    val_loss, best, last_checkpoint, step_times, t_start = None, (math.inf, 0), args.resume, [], time.time()
+
+    def mfu(tokens_per_sec):
+        return flops_per_token * tokens_per_sec / ddp_world_size / peak
+    val_loss = None  # the last val loss, and the step of the weights it measured
+    val_step = None
+    best = (math.inf, 0)
+    last_checkpoint = args.resume
+    step_times = []
+    t_start = time.time()
     for step in range(start_step, max_steps + 1):
         last_step = step == max_steps
-
         # now and then: val loss, HellaSwag, samples, checkpoint
         if not bench and (step % args.eval_interval == 0 or last_step):
             val_loss = evaluate(step)["val_loss"]
+            val_step = step
             best = min(best, (val_loss, step))
             if step > 0:
-                texts = raw_model.generate_text("Hello, I'm a language model,", 4, 32, 42 + ddp_rank, dtype=dtype)
+                with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                    texts = raw_model.generate_text("Hello, I'm a language model,", 4, 32, 42 + ddp_rank, dtype=dtype)
                 for i, text in enumerate(texts):
                     print(f"{f'rank {ddp_rank} ' if ddp else ''}sample {i}: {text}", flush=True)
         if not bench and step > start_step and (step % args.checkpoint_interval == 0 or last_step):
@@ -768,20 +901,27 @@ def train(args, preset, why, ckpt):
         optimizer.zero_grad()
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            if ddp:  # sync gradients on the last micro step only
+            try:
+                x, y = train_loader.next_batch()
+            except UsageError as e:  # a shard with bad token ids, read for the first time
+                raise UsageError(f"{e}, then --resume {last_checkpoint}" if last_checkpoint else str(e))
+            if ddp and not fsdp:  # sync gradients on the last micro step only
                 model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
-            with autocast():
+            with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):  # (float32: off)
                 loss = model(x, y)[1]  # (logits not kept into the next micro step)
             loss = loss / grad_accum_steps  # the gradients add up: so their sum is a mean
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
-        stats = torch.stack([loss_accum, torch.full_like(loss_accum, len(stop))])  # (and stop?)
+        # the ranks' losses and their stop requests (SIGTERM, Ctrl-C) in one all_reduce: all stop at the same step
+        stop_requests = torch.full_like(loss_accum, len(stop))
+        loss_and_stop = torch.stack([loss_accum, stop_requests])
         if ddp:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            dist.all_reduce(loss_and_stop, op=dist.ReduceOp.SUM)
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        lr = get_lr(step, max_lr, min_lr, warmup_steps, max_steps)
+        if fsdp:
+            norm = norm.full_tensor()  # (the norm over all shards, the same on every rank)
+        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, max_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         scaler.step(optimizer)  # (float16: skipped on an inf/NaN gradient)
@@ -789,8 +929,8 @@ def train(args, preset, why, ckpt):
         if device_type == "cuda":
             torch.cuda.synchronize()  # the step's real time
         dt = time.time() - t0
-        loss_value, stopping, norm = torch.cat([stats, norm.float().reshape(1)]).tolist()  # one host copy
-        loss_value /= ddp_world_size
+        loss_sum, stops, norm = torch.cat([loss_and_stop, norm.float().reshape(1)]).tolist()  # one host copy
+        loss_value = loss_sum / ddp_world_size
         if not math.isfinite(loss_value) or not (math.isfinite(norm) or scaler.is_enabled()):
             raise UsageError(f"step {step}: the loss or gradient norm is not finite, the run diverged; lower "
                              f"--max_lr or check the data, and --resume {last_checkpoint}")
@@ -803,49 +943,56 @@ def train(args, preset, why, ckpt):
                + (f" | eta {eta}" if len(step_times) >= 5 else "")
                + ("" if math.isfinite(norm) else " | skipped: inf/NaN gradient"))
         log(f"{step} train {loss_value:.6f}")
-        if stopping:
+        if step == start_step:  # (now that the gradients and AdamW's moments exist)
+            print0(f"state per rank: {state_bytes(raw_model, optimizer) / 2**30:.4g} GiB (parameters, grads, AdamW)")
+        if stops:
             if not bench:
                 last_checkpoint = save_checkpoint(step + 1)
             signum = stop[0] if stop else signal.SIGTERM  # (or another rank's)
             print0(f"stopped by {signal.Signals(signum).name} after step {step}" + ("" if bench else f": saved "
-                   f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {log_dir}"))
+                   f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {args.log_dir}"))
             return 128 + signum
         if bench and len(step_times) >= bench:
             break
 
     if bench:  # the steady state: without the first steps
         ms = 1000 * float(np.median(step_times[len(step_times) // 5:]))
-        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+        memory = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None
         tok_s = 1000 * total_batch_size / ms
-        print0(json.dumps(dict(tok_per_sec=round(tok_s, 1), ms_per_step=round(ms, 2), mfu=peak and round(mfu(tok_s), 4),
-                               peak_memory_gib=memory and round(memory, 2), preset=preset,
-                               n_params=n_params, **asdict(config), B=B, T=T, grad_accum_steps=grad_accum_steps,
-                               total_batch_size=total_batch_size, world_size=ddp_world_size, dtype=str(dtype)[6:],
-                               compile=use_compile, device=device_name, torch=torch.__version__,
-                               cuda=torch.version.cuda, steps=len(step_times))))
+        print0(json.dumps(dict(
+            tok_per_sec=round(tok_s, 1), ms_per_step=round(ms, 2), mfu=round(mfu(tok_s), 4) if peak else None,
+            peak_memory_gib=memory, state_gib_per_rank=round(state_bytes(raw_model, optimizer) / 2**30, 4),
+            preset=args.preset, n_params=n_params, **asdict(config), B=B, T=T, grad_accum_steps=grad_accum_steps,
+            total_batch_size=total_batch_size, world_size=ddp_world_size, fsdp=fsdp, dtype=str(dtype)[6:],
+            activation_checkpointing=bool(args.activation_checkpointing), compile=use_compile, device=device_name,
+            torch=torch.__version__, cuda=torch.version.cuda, steps=len(step_times))))
     else:
         print0(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: final val loss {val_loss:.4f}, "
                f"best {best[0]:.4f} at step {best[1]}; sample with python train_gpt2.py --init_from {last_checkpoint} "
                f"--sample \"Hello\"")
-
+    return 0
 
 def main(argv=None):
+    error = None
+    code = 0
     try:
-        args, preset, why, ckpt = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
-        code = command(args) if args.sample is not None or args.export_hf else train(args, preset, why, ckpt)
-        if dist.is_initialized():  # (once train's DDP model is gone, else a hang: gloo's threads end here, not
-            dist.destroy_process_group()  # in Python's exit, where they can abort the process)
-        if code:  # (a stop signal's)
-            sys.exit(code)
+        args, why, ckpt = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
+        if args.sample is not None or args.export_hf:
+            command(args, ckpt)
+        else:
+            code = train(args, why, ckpt)
     except UsageError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train_gpt2.py: error: {e}", file=sys.stderr, flush=True)  # (rank 0 alone)
-        sys.exit(1)
+        error = str(e)  # (the exception, and the frames of train it holds, end with this block)
     except torch.OutOfMemoryError:
         sys.exit("train_gpt2.py: error: out of device memory: give a smaller --B (accumulation keeps the batch)")
     except KeyboardInterrupt:
         sys.exit("train_gpt2.py: interrupted")
-
+    if dist.is_initialized():  # (after train's DDP model is gone, else a hang: gloo's threads end here, not in
+        dist.destroy_process_group()  # Python's exit, where one that frees a tensor can abort the process)
+    if error and int(os.environ.get("RANK", 0)) == 0:
+        print(f"train_gpt2.py: error: {error}", file=sys.stderr, flush=True)  # (rank 0 alone)
+    if error or code:  # (code: a stop signal's)
+        sys.exit(1 if error else code)
 
 if __name__ == "__main__":
     main()
