@@ -1,13 +1,16 @@
 """
-The one command to run on a first GPU machine: how fast GPT-2 124M trains here, and how large a batch fits.
+The one command to run on a first GPU machine: how fast GPT-2 124M trains here, how large a batch fits, and what
+activation checkpointing and FSDP cost and save.
 
-    python tools/gpu_check.py          # 124M at B = 8, 16, 32, 64, compile on and off; HellaSwag's full val
-    python tools/gpu_check.py --cpu    # the same steps, reduced (a tiny model, one B) on the CPU: checks the script
+    python tools/gpu_check.py          # 124M at B = 8, 16, 32, 64, compile on and off, and with activation
+                                       # checkpointing; on 2+ GPUs gpt2-medium under DDP and FSDP; HellaSwag's full val
+    python tools/gpu_check.py --cpu    # the same steps, reduced (a tiny model, one B, 2 processes) on the CPU
 
-Each row is `python train_gpt2.py --preset gpt2 --B <B> --compile <0|1> --benchmark <steps>` on one GPU, over random
-token shards this script writes (speed does not depend on the text): its JSON line gives tok/s, ms/step, MFU and
-peak memory; a run out of memory is marked OOM. Then the HellaSwag val split (downloaded the first time) is scored
-once to compile and once timed, by a 124M model as in training. The table is printed and written as JSON
+Each row is `python train_gpt2.py --preset gpt2 --B <B> --compile <0|1> --benchmark <steps>` on one GPU (or under
+`torchrun --nproc_per_node=<GPUs>` for the DDP and FSDP rows), over random token shards this script writes (speed does
+not depend on the text): its JSON line gives tok/s, ms/step, MFU, peak memory and the state (parameters, gradients,
+AdamW) a rank holds; a run out of memory is marked OOM. Then the HellaSwag val split (downloaded the first time) is
+scored once to compile and once timed, by a 124M model as in training. The table is printed and written as JSON
 (gpu_check-<date>.json, or --out). The README's GPU figures come from this output only.
 """
 
@@ -39,16 +42,36 @@ def write_shards(root, tokens=4_000_000):
         np.save(os.path.join(root, name), rng.integers(0, 50257, tokens, dtype=np.uint16))
 
 
-def train_row(data, B, compile, steps, extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--preset", "gpt2", "--data", data, "--B", str(B),
+def train_row(data, B, compile, steps, extra, processes=1):
+    """One benchmark run: its JSON line, or the error (OOM) with what was asked."""
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={processes}"]
+    cmd = [*launcher, os.path.join(ROOT, "train_gpt2.py"), "--preset", "gpt2", "--data", data, "--B", str(B),
            "--compile", str(compile), "--benchmark", str(steps), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=data)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode == 0 and lines:
         return json.loads(lines[-1])
+    asked = {"B": B, "compile": bool(compile), "world_size": processes, "fsdp": "--fsdp" in extra,
+             "activation_checkpointing": "--activation_checkpointing" in extra}
     if "out of device memory" in r.stderr or "out of memory" in r.stderr:
-        return {"B": B, "compile": bool(compile), "error": "OOM"}
-    return {"B": B, "compile": bool(compile), "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        return dict(asked, error="OOM")
+    return dict(asked, error=(r.stderr.strip().splitlines() or ["?"])[-1][:300])
+
+
+def label(row):
+    how = "FSDP" if row["fsdp"] else "DDP" if row["world_size"] > 1 else "one"
+    return (f"{how:4s} x{row['world_size']} B {row['B']:3d} compile {int(row['compile'])}"
+            + (" AC" if row["activation_checkpointing"] else "   "))
+
+
+def show(row):
+    if "error" in row:
+        print(f"  {label(row)}: {row['error']}")
+        return
+    mfu, memory = (row[k] if row[k] is not None else "n/a" for k in ("mfu", "peak_memory_gib"))
+    print(f"  {label(row)}: {row['tok_per_sec']:>12,.0f} tok/s {row['ms_per_step']:>10,.1f} ms/step  MFU {mfu}  "
+          f"peak memory {memory} GiB  state {row['state_gib_per_rank']} GiB a rank")
 
 
 def hellaswag_time(device, cpu, limit):
@@ -82,7 +105,8 @@ def main():
         sys.exit("gpu_check.py: error: no CUDA device here; run with --cpu for the reduced check")
     device = "cpu" if args.cpu else "cuda:0"
     ladder, compiles = ([4], [0]) if args.cpu else ([8, 16, 32, 64], [1, 0])
-    steps = args.steps or (4 if args.cpu else 12)
+    gpus = 2 if args.cpu else torch.cuda.device_count()
+    steps = args.steps or (2 if args.cpu else 12)
     now = datetime.datetime.now()
     out = args.out or f"gpu_check-{now.strftime('%Y%m%d-%H%M%S')}.json"
     name = torch.cuda.get_device_name(device) if not args.cpu else "cpu"
@@ -90,18 +114,26 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as data:
         write_shards(data, 100_000 if args.cpu else 4_000_000)
+        small = TINY if args.cpu else []
         for compile in compiles:
             for B in ladder:
-                rows.append(train_row(data, B, compile, steps, TINY if args.cpu else []))
-                row = rows[-1]
-                if "error" in row:
-                    print(f"  B {B:3d} compile {compile}: {row['error']}")
-                else:
-                    mfu, memory = (row[k] if row[k] is not None else "n/a" for k in ("mfu", "peak_memory_gib"))
-                    print(f"  B {B:3d} compile {compile}: {row['tok_per_sec']:>12,.0f} tok/s "
-                          f"{row['ms_per_step']:>10,.1f} ms/step  MFU {mfu}  peak memory {memory} GiB")
-    fits = {c: max([r["B"] for r in rows if r["compile"] == bool(c) and "error" not in r], default=None)
-            for c in compiles}
+                rows.append(train_row(data, B, compile, steps, small))
+                show(rows[-1])
+        fits = {c: max([r["B"] for r in rows if r["compile"] == bool(c) and "error" not in r], default=None)
+                for c in compiles}
+        # activation checkpointing: what it saves in memory and costs in speed, at every B and past the largest (--cpu:
+        # in the FSDP row below only)
+        for B in [] if args.cpu else ladder + [128]:
+            rows.append(train_row(data, B, compiles[0], steps, [*small, "--activation_checkpointing", "1"]))
+            show(rows[-1])
+        # DDP and FSDP on all the GPUs: the state a rank holds, and the speed, for gpt2-medium (--cpu: TINY's model,
+        # FSDP with activation checkpointing only, to check the plumbing)
+        if gpus >= 2:
+            medium = small if args.cpu else ["--preset", "gpt2-medium", "--total_batch_size", str(16 * 1024 * gpus)]
+            layouts = [[], ["--fsdp", "1"], ["--fsdp", "1", "--activation_checkpointing", "1"]]
+            for extra in layouts[2:] if args.cpu else layouts:
+                rows.append(train_row(data, ladder[0] if args.cpu else 16, compiles[0], steps, [*medium, *extra], gpus))
+                show(rows[-1])
     print("largest B that fits: " + ", ".join(f"compile {c}: {fits[c]}" for c in compiles))
     hella = hellaswag_time(device, args.cpu, 200 if args.cpu else None)
     print(f"HellaSwag val: {hella.get('examples')} examples in {hella['seconds']} s (first, compiling: "
