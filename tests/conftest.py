@@ -2,6 +2,7 @@
 runs that many tests read (each made once per session)."""
 import atexit
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,43 @@ for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_D
     os.environ.pop(var, None)
 os.environ.update(HF_HOME=str(_OWN / "hf-home"), HELLASWAG_DIR=str(_OWN / "no-hellaswag"))
 
+# ... and leave alone what a person keeps in the repository (FineWeb shards, the HellaSwag file, runs of their own): in
+# this process and in every Python process a test starts (env_for_tests), an audit hook records any access to a path
+# in the repository beside its own files, and the test that made it fails (repository_untouched, below)
+GUARD = """
+import os, sys
+def _guard(repo=os.environ.get("GPT2_TESTS_REPO"), record=os.environ.get("GPT2_TESTS_RECORD")):
+    if not repo or not record:
+        return
+    own = set(os.environ["GPT2_TESTS_OWN"].split(os.pathsep))
+    events = ("open", "os.listdir", "os.scandir", "glob.glob", "os.mkdir", "os.rename", "os.remove", "os.rmdir")
+    writing = []
+    def hook(event, args):
+        if writing or event not in events:
+            return
+        for path in args[:2] if event == "os.rename" else args[:1]:  # (open's second is its mode)
+            if isinstance(path, (str, bytes, os.PathLike)):
+                path = os.path.abspath(os.fsdecode(path))
+                if path.startswith(repo + os.sep) and path[len(repo) + 1:].split(os.sep)[0] not in own:
+                    writing.append(path)
+                    with open(record, "a") as f:
+                        f.write(event + " " + path + "\\n")
+                    writing.pop()
+    sys.addaudithook(hook)
+_guard()
+"""
+_OWN_NAMES = {"__pycache__", ".pytest_cache", ".git"}  # the repository's own files: git's, else the product's names
+if (REPO / ".git").exists():
+    _OWN_NAMES |= {line.split("/")[0] for line in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,
+                                                                 text=True).stdout.splitlines()}
+else:
+    _OWN_NAMES |= {p.name for p in REPO.iterdir() if p.suffix in (".py", ".txt", ".md", ".ipynb")} | {"tests", "tools"}
+os.environ.update(GPT2_TESTS_REPO=str(REPO), GPT2_TESTS_OWN=os.pathsep.join(sorted(_OWN_NAMES)),
+                  GPT2_TESTS_RECORD=str(_OWN / "repository-accesses"))
+(_OWN / "guard").mkdir()
+(_OWN / "guard" / "sitecustomize.py").write_text(GUARD)
+exec(GUARD)
+
 # a GPT small enough that a CPU step takes milliseconds; the vocabulary stays GPT-2's (padded) so real tokens fit
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--T", "16", "--B", "4",
         "--device", "cpu", "--hellaswag", "0", "--warmup_steps", "2", "--max_lr", "1e-3", "--val_steps", "2",
@@ -46,19 +84,22 @@ def tiny_flops_per_token(n_params):
     return 6 * (n_params - 16 * 16) + 12 * 2 * 2 * 8 * 16
 
 
-def env_for_tests(**extra):
+def env_for_tests(site=_OWN / "guard", **extra):
+    """The environment of every process a test starts: this session's (above), offline, and the sitecustomize in
+    `site` run first (the repository's guard)."""
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     env.update({k: str(v) for k, v in extra.items()})
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def env_with_sitecustomize(code, directory, **extra):
     """env_for_tests(**extra) in which every Python process started with it runs `code` first (a sitecustomize in
-    `directory`)."""
+    `directory`, after the guard's)."""
     directory.mkdir(exist_ok=True)
-    (directory / "sitecustomize.py").write_text(code)
-    return env_for_tests(**extra, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]))
+    (directory / "sitecustomize.py").write_text(GUARD + code)
+    return env_for_tests(directory, **extra, PYTHONPATH=REPO)
 
 
 def offline_env(tmp_path, **extra):
@@ -192,6 +233,44 @@ def made_once(tmp_path_factory, name, make):
     return d / "log", subprocess.CompletedProcess(name, code, out, err)
 
 
+def digests(root):
+    """{path relative to root: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).rglob("*"))
+            if p.is_file()}
+
+
+def far_gpt2(directory, n_positions=64):
+    """A tiny transformers GPT-2 written by save_pretrained into directory, its weights far from a fresh init
+    (N(0, 0.5)): only a faithful loading of it gives transformers' own numbers. Returns the directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+def mean_val_loss(logits_of, tokens, B, T, steps):
+    """The val loss by hand: the mean of the losses of `steps` batches of B*T+1 tokens read at 0, B*T, 2*B*T, ..."""
+    import torch.nn.functional as F
+    losses = [F.cross_entropy(logits_of(tokens[s:s + B * T].view(B, T)).flatten(0, 1).float(),
+                              tokens[s + 1:s + B * T + 1]).item() for s in range(0, steps * B * T, B * T)]
+    return sum(losses) / len(losses)
+
+
+class MakesAFile:
+    """Unpickled, it creates a file: the code a pickle can carry."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def hub_cache_with_gpt2(hub):
     """A Hugging Face hub cache (what HF_HUB_CACHE names) that holds a "gpt2": a tiny one, as a download leaves it."""
     import torch
@@ -254,6 +333,17 @@ def ddp_run(tmp_path_factory):
                                                                    env=exit_probe_env(d)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return log, r
+
+
+@pytest.fixture(autouse=True)
+def repository_untouched():
+    """Every test, and every process it starts, leaves alone what is in the repository beside its own files."""
+    record = Path(os.environ["GPT2_TESTS_RECORD"])
+    record.write_text("")
+    yield
+    accesses = sorted(set(record.read_text().splitlines()))
+    record.write_text("")
+    assert not accesses, f"the test touched the repository beside its own files: {accesses[:5]}"
 
 
 def kill_group(proc, sig=signal.SIGKILL):

@@ -108,7 +108,8 @@ def test_a_txt_file_is_split_90_10_into_train_and_val(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("empty directory", "holds no .npy"), ("one shard", r"give a directory of shards \(not one shard\)"),
-    ("truncated", "edufineweb_train_000001.npy is cut short"), ("float shard", "is not 1-D token ids below vocab_size"),
+    ("truncated", "edufineweb_train_000001.npy is cut short"),
+    ("float shard", r"is not 1-D token ids \(float32, shape \(1000,\)\)"),
     ("2-D shard", "is not 1-D token ids"), ("ids beyond the vocabulary", "below vocab_size 50304"),
     ("too small", "lower --B or --T"), ("no val shard", "no val shards"), ("not utf-8", "is not UTF-8")])
 def test_bad_data_is_a_usage_error_naming_it(tmp_path, case, message):

@@ -277,13 +277,14 @@ def test_refuses_to_mix_runs(corpus, tmp_path):
 
 
 def test_missing_file_and_empty_glob(tmp_path):
-    r = cli(tmp_path, "--input", tmp_path / "nope.jsonl", ok=False)
+    out = ["--output_dir", tmp_path / "out"]  # (never the repository's edu_fineweb10B/)
+    r = cli(tmp_path, "--input", tmp_path / "nope.jsonl", *out, ok=False)
     assert f"--input '{tmp_path / 'nope.jsonl'}' matches no file; check the path" in error_line(r)
-    r = cli(tmp_path, "--input", tmp_path / "*.parquet", ok=False)
+    r = cli(tmp_path, "--input", tmp_path / "*.parquet", *out, ok=False)
     assert "matches no file; check the path" in error_line(r)
-    r = cli(tmp_path, "--input", tmp_path, ok=False)
+    r = cli(tmp_path, "--input", tmp_path, *out, ok=False)
     assert "is a directory; name its files" in error_line(r)
-    r = cli(tmp_path, "--input", tmp_path / "x.jsonl", "--dataset", "x", ok=False)
+    r = cli(tmp_path, "--input", tmp_path / "x.jsonl", "--dataset", "x", *out, ok=False)
     assert r.returncode == 1 and "--dataset and --name choose a Hugging Face data set" in error_line(r)
 
 

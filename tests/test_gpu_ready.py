@@ -3,6 +3,7 @@ memory a micro step keeps, DDP's settings, torch.compile's recompiles, the MFU f
 (bfloat16 autocast with inductor) run for real. Each test runs train_gpt2.main in a subprocess with the library
 patched to observe (never the program; the MFU test gives the peak table an entry for the CPU)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -145,22 +146,22 @@ def test_a_compiled_run_does_not_recompile_after_its_first_eval_cycle(tmp_path):
 
 
 def test_gpu_check_runs_its_cpu_mode_and_writes_the_table(tmp_path):
-    """tools/gpu_check.py --cpu: the GPU check's every step (the benchmark runs through train_gpt2.py, the largest B,
-    the HellaSwag timing on a small file in HellaSwag's format), reduced, so the script is known to work."""
-    example = {"ctx": "A man sits on a roof. He", "label": 3, "endings": [
-        "is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
-        "starts pulling up roofing on a roof."]}
-    (tmp_path / "hellaswag_val.jsonl").write_text((json.dumps(example) + "\n") * 12)
+    """tools/gpu_check.py --cpu: the GPU check's every step (the benchmark runs through train_gpt2.py, on one process
+    and under FSDP with activation checkpointing on two, the largest B, the HellaSwag timing on a small file in
+    HellaSwag's format), reduced, so the script is known to work."""
+    data = hellaswag_dir(tmp_path / "hellaswag", make_examples())
     r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu", "--out", "table.json"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=env_for_tests(HELLASWAG_DIR=tmp_path))
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env_for_tests(HELLASWAG_DIR=data))
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads((tmp_path / "table.json").read_text())
-    (row,) = table["rows"]
-    assert row["B"] == 4 and row["compile"] is False and row["tok_per_sec"] > 0 and row["mfu"] is None
-    assert table["largest_B"] == {"compile 0": 4} and table["hellaswag_val"]["examples"] == 12
-    assert "B   4 compile 0:" in r.stdout and "largest B that fits: compile 0: 4" in r.stdout
-    assert "HellaSwag val: 12 examples in" in r.stdout and "written to table.json" in r.stdout
+    one, fsdp = table["rows"]
+    assert one["B"] == 4 and one["compile"] is False and one["tok_per_sec"] > 0 and one["mfu"] is None
+    assert (fsdp["world_size"], fsdp["fsdp"], fsdp["activation_checkpointing"]) == (2, True, True)
+    assert 0.45 < fsdp["state_gib_per_rank"] / one["state_gib_per_rank"] < 0.55  # (each of 2 ranks: half the state)
+    assert table["largest_B"] == {"compile 0": 4} and table["hellaswag_val"]["examples"] == 8
+    assert "one  x1 B   4 compile 0   :" in r.stdout and "FSDP x2 B   4 compile 0 AC:" in r.stdout
+    assert "largest B that fits: compile 0: 4" in r.stdout
+    assert "HellaSwag val: 8 examples in" in r.stdout and "written to table.json" in r.stdout
 
 
 PEAK_FOR_THE_CPU = """
@@ -191,6 +192,8 @@ def test_bfloat16_with_inductor_trains_resumes_exactly_and_keeps_to_the_float32_
                        "whole", cwd=tmp_path, env=env, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "dtype: bfloat16 (asked for)" in whole.stdout and "compile: True" in whole.stdout
+    kernels = list((tmp_path / "inductor-cache").rglob("*.so"))  # inductor generated C++ kernels and compiled them
+    assert kernels and (tmp_path / "inductor-cache" / "fxgraph").is_dir(), os.listdir(tmp_path / "inductor-cache")
     # resumed from step 16 with no other flag (the checkpoint's: bfloat16 and compile too), bit for bit
     resumed = run_script("train_gpt2.py", "--resume", "whole/model_00016.pt", "--log_dir", "resumed", cwd=tmp_path,
                          env=env, timeout=600)

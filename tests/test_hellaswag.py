@@ -101,6 +101,27 @@ def test_evaluate_counts_match_transformers_gpt2(tmp_path):
     assert hellaswag.evaluate(GPT.from_pretrained(str(path)), examples, "cpu", batch_size=4) == (*expected, 8)
 
 
+def test_acc_takes_the_lowest_summed_loss_and_acc_norm_the_lowest_mean_loss():
+    """An example where the two disagree, by hand: ending 0 is one token of loss 2.0 (sum 2, mean 2), ending 1 four
+    tokens of loss 1.0 (sum 4, mean 1), endings 2 and 3 tokens of loss 5.0. The label is 1: acc_norm is right, acc
+    is not."""
+    example = {"ctx": "The man opened the door and", "label": 1,
+               "endings": ["left", "saw the red ball", "then he walked", "went into it"]}
+    _, tokens, mask, _ = hellaswag.render_example(example)
+    assert mask.sum(1).tolist()[:2] == [1, 4]  # (" left": one token; " saw the red ball": four)
+    loss = torch.tensor([2.0, 1.0, 5.0, 5.0]).view(4, 1).expand(4, tokens.size(1) - 1)
+    V = 50304  # every other token's logit 0, the target's b: its loss log(e^b + V - 1) - b is the row's
+    boost = torch.log((V - 1) * torch.exp(-loss) / (1 - torch.exp(-loss)))
+
+    def model(inputs):  # the logits of the rows evaluate scores: (4, L - 1, V)
+        assert torch.equal(inputs, tokens[:, :-1])
+        return torch.zeros(4, tokens.size(1) - 1, V).scatter(2, tokens[:, 1:].unsqueeze(-1), boost.unsqueeze(-1))
+    sums, means = hellaswag.ending_losses(tokens, mask, model(tokens[:, :-1]))
+    assert sums[:2].tolist() == pytest.approx([2, 4], abs=1e-3) and min(sums[2:]) > 4
+    assert means[:2].tolist() == pytest.approx([2, 1], abs=1e-3) and min(means[2:]) > 2
+    assert hellaswag.evaluate(model, [example], "cpu", batch_size=1) == (1, 0, 1)  # (acc_norm's count, acc's, total)
+
+
 def test_rows_longer_than_the_context_are_scored_as_lm_evaluation_harness_does(tmp_path):
     model_hf, path = tiny_hf_dir(tmp_path)
     examples = make_examples()  # rows of up to ~95 tokens, against a context of 24

@@ -14,12 +14,11 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import hellaswag
-from conftest import REPO, RUN, TINY, env_for_tests, hellaswag_dir, make_examples, offline_env, read_log, run_main, \
-    torchrun_cmd, train_losses
+from conftest import REPO, RUN, TINY, MakesAFile, env_for_tests, far_gpt2, hellaswag_dir, make_examples, \
+    mean_val_loss, offline_env, read_log, run_main, torchrun_cmd, train_losses
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, DataLoaderLite, GPTConfig, UsageError
 
@@ -35,17 +34,6 @@ def tokens():
     return np.array(ids, dtype=np.uint16), torch.tensor(ids[int(0.9 * len(ids)):], dtype=torch.long)
 
 
-def val_batches(val, B, T, steps):
-    """The val batches one process reads: B*T+1 tokens at 0, B*T, 2*B*T, ..."""
-    return [(val[s:s + B * T].view(B, T), val[s + 1:s + B * T + 1].view(B, T)) for s in range(0, steps * B * T, B * T)]
-
-
-def mean_val_loss(logits_of, val, B, T, steps):
-    losses = [F.cross_entropy(logits_of(x).flatten(0, 1).float(), y.flatten()).item()
-              for x, y in val_batches(val, B, T, steps)]
-    return sum(losses) / len(losses)
-
-
 def last_json(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -55,19 +43,10 @@ def last_json(stdout):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny transformers GPT-2 written by save_pretrained, its weights far from a fresh init (normal(0, 0.5)): only
-    a faithful evaluation gives transformers' own loss."""
-    d = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(d)
-    return d
+    return far_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
 
 
-def test_eval_only_gives_transformers_own_val_loss_and_writes_nothing(tmp_path, hf_dir, tokens):
+def test_eval_only_gives_transformers_own_val_loss_and_leaves_its_directory_empty(tmp_path, hf_dir, tokens):
     cwd, no_hellaswag = tmp_path / "cwd", tmp_path / "no-hellaswag"
     cwd.mkdir()
     no_hellaswag.mkdir()
@@ -109,21 +88,29 @@ def test_eval_only_hellaswag_equals_the_hellaswag_command(tmp_path, hf_dir, caps
     assert os.listdir(tmp_path / "cwd") == []
 
 
-def test_eval_only_on_two_ranks_equals_one_process_reading_their_batches(tmp_path, shared_run, capsys, monkeypatch):
-    ckpt, data = shared_run[0] / "model_00024.pt", hellaswag_dir(tmp_path / "hellaswag", make_examples()[:7])  # 4, 3
-    flags = ["--eval_only", "--init_from", ckpt, "--data", INPUT, "--T", "16", "--B", "4", "--device", "cpu",
-             "--hellaswag", "1"]
+def test_eval_only_on_two_ranks_equals_one_process_reading_their_batches(tmp_path, shared_run, tokens, capsys,
+                                                                          monkeypatch):
+    """A val split of 8 batches of 4 x 16 tokens (and 10 more), --val_steps 20 asked: one process reads the 8, each
+    once; two ranks read 4 steps of 2 batches, the same 8 (rank r's step k: batch 2k+r); HellaSwag's 7 examples split
+    4 and 3."""
+    ckpt, data = shared_run[0] / "model_00024.pt", hellaswag_dir(tmp_path / "hellaswag", make_examples()[:7])
+    (tmp_path / "shards").mkdir()
+    np.save(tmp_path / "shards" / "edufineweb_val_000000.npy", tokens[0][:8 * 64 + 10])
+    np.save(tmp_path / "shards" / "edufineweb_train_000001.npy", tokens[0][10000:20000])
+    flags = ["--eval_only", "--init_from", ckpt, "--data", tmp_path / "shards", "--T", "16", "--B", "4", "--device",
+             "cpu", "--hellaswag", "1", "--val_steps", "20"]
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-    two = subprocess.run(torchrun_cmd(2, *flags, "--val_steps", "2"), cwd=tmp_path / "two",
-                         env=env_for_tests(HELLASWAG_DIR=data), capture_output=True, text=True, timeout=300)
+    two = subprocess.run(torchrun_cmd(2, *flags), cwd=tmp_path / "two", env=env_for_tests(HELLASWAG_DIR=data),
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     monkeypatch.setenv("HELLASWAG_DIR", str(data))
-    one = run_main(capsys, tmp_path / "one", *flags, "--val_steps", "4")  # rank r's batch k is batch 2k+r here
+    one = run_main(capsys, tmp_path / "one", *flags)
     assert one.returncode == 0, one.stderr
     two, one = last_json(two.stdout), last_json(one.stdout)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-6)
-    assert two["val_tokens"] == one["val_tokens"] == 4 * 4 * 16
+    assert (one["val_steps"], two["val_steps"], one["val_steps_asked"], two["val_steps_asked"]) == (8, 4, 20, 20)
+    assert two["val_tokens"] == one["val_tokens"] == 8 * 4 * 16
     hella = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples")
     assert [two[k] for k in hella] == [one[k] for k in hella] and one["hellaswag_examples"] == 7
     assert (two["world_size"], one["world_size"]) == (2, 1)
@@ -179,15 +166,15 @@ def lecture(tmp_path_factory):
     return paths, torch.load(d / "weights.pt", weights_only=True)
 
 
-def nanogpt_checkpoint(path):
-    """nanoGPT's out/ckpt.pt of a bias=False model (its weights, compiled: _orig_mod.), and the state dict of the same
-    model in our layout, its biases zeros."""
+def nanogpt_checkpoint(path, bias=False):
+    """nanoGPT's out/ckpt.pt (its weights, compiled: _orig_mod.), and the state dict of the same model in our layout:
+    bias=False (nanoGPT's default) has no biases, which are zeros in ours; bias=True keeps them, far from zero."""
     torch.manual_seed(6)
     model = GPT(GPTConfig(**ANCHOR_CONFIG))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.zeros_like(p) if name.endswith(".bias") else p + 0.1 * torch.randn_like(p))
-    params = [p for name, p in model.named_parameters() if not name.endswith(".bias")]
+            p.copy_(torch.zeros_like(p) if name.endswith(".bias") and not bias else p + 0.1 * torch.randn_like(p))
+    params = [p for name, p in model.named_parameters() if bias or not name.endswith(".bias")]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=6e-4, betas=(0.9, 0.95))
@@ -196,14 +183,14 @@ def nanogpt_checkpoint(path):
     optimizer.step()  # (a real optimizer state: one step)
     ours = {k: v.clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True)
-    torch.save({"model": {"_orig_mod." + k: v for k, v in ours.items() if not k.endswith(".bias")},
+    torch.save({"model": {"_orig_mod." + k: v for k, v in ours.items() if bias or not k.endswith(".bias")},
                 "optimizer": optimizer.state_dict(),
-                "model_args": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=50304,
+                "model_args": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=bias, vocab_size=50304,
                                    dropout=0.0),
                 "iter_num": 250, "best_val_loss": torch.tensor(6.5),
                 "config": {"out_dir": "out", "eval_interval": 250, "batch_size": 12, "block_size": 16,
                            "gradient_accumulation_steps": 40, "dataset": "openwebtext", "learning_rate": 6e-4,
-                           "max_iters": 600000, "bias": False, "dropout": 0.0, "compile": True, "dtype": "bfloat16"}},
+                           "max_iters": 600000, "bias": bias, "dropout": 0.0, "compile": True, "dtype": "bfloat16"}},
                path)
     return ours
 
@@ -214,11 +201,17 @@ def nanogpt(tmp_path_factory):
     return path, nanogpt_checkpoint(path)
 
 
-@pytest.fixture(params=["lecture", "lecture compiled", "nanoGPT"])
+@pytest.fixture(scope="module")
+def nanogpt_with_biases(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nanogpt-bias") / "out" / "ckpt.pt"
+    return path, nanogpt_checkpoint(path, bias=True)
+
+
+@pytest.fixture(params=["lecture", "lecture compiled", "nanoGPT", "nanoGPT bias=True"])
 def anchor(request):
     """(an anchor's checkpoint, the state dict our model should hold after loading it)"""
-    if request.param == "nanoGPT":
-        return request.getfixturevalue("nanogpt")
+    if request.param.startswith("nanoGPT"):
+        return request.getfixturevalue("nanogpt_with_biases" if request.param.endswith("True") else "nanogpt")
     paths, weights = request.getfixturevalue("lecture")
     return paths["compiled" if request.param.endswith("compiled") else "eager"], weights
 
@@ -318,16 +311,6 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, case, capsy
         assert "Traceback" not in r.stderr
 
 
-class MakesAFile:
-    """Unpickled, it creates a file: the code a pickle can carry."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def test_a_lecture_layout_checkpoint_with_code_in_its_config_runs_no_code(tmp_path, capsys):
     marker, evil = tmp_path / "pwned", tmp_path / "log" / "model_00010.pt"
     evil.parent.mkdir()
@@ -388,6 +371,10 @@ def test_npy_nanogpt_and_llmc_token_files_train_bit_identically(tmp_path, tokens
         logs[name] = (tmp_path / name / "log" / "log.txt").read_text()
     assert logs["npy"].count(" train ") == 3 and logs["npy"].count(" val ") == 2
     assert logs["nanoGPT"] == logs["npy"] and logs["llm.c"] == logs["npy"]
+    weights = {name: torch.load(tmp_path / name / "log" / "model_00003.pt", weights_only=True)["model"]
+               for name in dirs}
+    for name in ("nanoGPT", "llm.c"):  # the trained weights, bit for bit
+        assert all(torch.equal(v, weights[name][k]) for k, v in weights["npy"].items()), name
 
 
 @pytest.mark.parametrize("case", ["wrong magic", "wrong version", "count disagrees with the size", "llama-3"])
@@ -453,6 +440,8 @@ def test_a_float16_checkpoint_resumes_in_bfloat16_and_float32(tmp_path, capsys):
         r = run_main(capsys, tmp_path, *RUN, "--max_steps", "4", "--dtype", dtype, "--resume", ckpt, "--log_dir",
                      tmp_path / dtype)
         assert r.returncode == 0, r.stderr
-        assert NO_SCALER not in r.stdout
+        assert f"dtype: {dtype} (asked for)" in r.stdout and NO_SCALER not in r.stdout
+        written = torch.load(tmp_path / dtype / "model_00004.pt", weights_only=True)
+        assert written["args"]["dtype"] == dtype and written["scaler"] == {}  # (no gradient scaler: it was dropped)
         losses = train_losses(tmp_path / dtype)
         assert sorted(losses) == [2, 3] and all(math.isfinite(v) for v in losses.values())
