@@ -57,13 +57,22 @@ def _guard(repo=os.environ.get("GPT2_TESTS_REPO"), record=os.environ.get("GPT2_T
     sys.addaudithook(hook)
 _guard()
 """
-_OWN_NAMES = {"__pycache__", ".pytest_cache", ".git"}  # the repository's own files: git's, else the product's names
-if (REPO / ".git").exists():
-    _OWN_NAMES |= {line.split("/")[0] for line in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True,
-                                                                 text=True).stdout.splitlines()}
-else:
-    _OWN_NAMES |= {p.name for p in REPO.iterdir() if p.suffix in (".py", ".txt", ".md", ".ipynb")} | {"tests", "tools"}
-os.environ.update(GPT2_TESTS_REPO=str(REPO), GPT2_TESTS_OWN=os.pathsep.join(sorted(_OWN_NAMES)),
+
+
+def own_names():
+    """The repository's own top-level names: what git tracks, else (no git here, or git refusing another user's clone)
+    the product's files."""
+    names = set()
+    if shutil.which("git"):
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+        names = {line.split("/")[0] for line in tracked.stdout.splitlines()} if tracked.returncode == 0 else set()
+    if not names:
+        names = {p.name for p in REPO.iterdir() if p.suffix in (".py", ".txt", ".md", ".ipynb")}
+        names |= {"tests", "tools", ".ci"}
+    return names | {"__pycache__", ".pytest_cache", ".git"}
+
+
+os.environ.update(GPT2_TESTS_REPO=str(REPO), GPT2_TESTS_OWN=os.pathsep.join(sorted(own_names())),
                   GPT2_TESTS_RECORD=str(_OWN / "repository-accesses"))
 (_OWN / "guard").mkdir()
 (_OWN / "guard" / "sitecustomize.py").write_text(GUARD)
