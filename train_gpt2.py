@@ -399,8 +399,8 @@ PEAK_FLOPS = {
     "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,  # Ampere, Ada whitepapers: fp32 accumulate
     "Tesla T4": 65e12, "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12,  # the T4, V100 data sheets
     "AMD Instinct MI300X": 1307e12,  # the MI300X data sheet
-    "AMD Instinct MI250X": 191.5e12,  # the MI250X data sheet: 383e12 for its 2 dies, which torch sees as 2 devices
-    "AMD Instinct MI250": 181e12,  # the MI250 data sheet: 362e12 for its 2 dies
+    "AMD Instinct MI250X": 191.5e12,  # the MI250X data sheet: 383e12 for its 2 dies (torch: 2 devices). ROCm names
+    # device 0x740C "AMD Instinct MI250X / MI250", either card (an MI250: 362e12): no MFU for it, never a guess
 }
 
 def load_checkpoint(path, resume=False):

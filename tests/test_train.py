@@ -411,13 +411,13 @@ PEAKS = {
     "Tesla V100-SXM2-16GB": (125, "V100 data sheet, SXM2: tensor performance 125"),
     "AMD Instinct MI300X": (1307, "MI300X data sheet: BF16 1,307.4 dense"),
     "AMD Instinct MI250X": (191.5, "MI250X data sheet: BF16 383 for its 2 dies; torch sees each die as a device"),
-    "AMD Instinct MI250": (181, "MI250 data sheet: BF16 362.1 for its 2 dies, each a device"),
-}
+}  # (the names: torch.cuda.get_device_name(); on ROCm, libdrm's amdgpu.ids: 0x7408 "AMD Instinct MI250X")
 
 
 def test_mfu_peaks_are_the_vendors_dense_16_bit_figures_by_exact_device_name():
     assert {name: train_gpt2.PEAK_FLOPS[name] / 1e12 for name in PEAKS} == \
         pytest.approx({name: figure for name, (figure, _) in PEAKS.items()}, abs=0.5)
-    # no guess: a name torch does not give, or a GPU without a data sheet (AWS's A10G), gets no MFU
-    for name in ("H100", "NVIDIA H100", "NVIDIA A10G", "AMD Instinct MI250X/MI250"):
+    # no guess: a name torch does not give, a GPU without a data sheet (AWS's A10G), or ROCm's name for device 0x740C,
+    # which is an MI250X (191.5 a die) or an MI250 (181), gets no MFU
+    for name in ("H100", "NVIDIA H100", "NVIDIA A10G", "AMD Instinct MI250X / MI250", "AMD Instinct MI250X/MI250"):
         assert name not in train_gpt2.PEAK_FLOPS
