@@ -60,6 +60,21 @@ def test_warmup_scales_with_max_steps_unless_given():
     assert warmup("--max_steps", "2000", "--warmup_steps", "7") == 7
 
 
+@pytest.mark.parametrize("preset, model, B, tokens, schedule, fsdp", [
+    ("gpt2-medium", (24, 16, 1024), 32, 524288, (3e-4, 0.0, 700, 60000), 0),  # llm.c's run_gpt2_350M.sh
+    ("gpt2-large", (36, 20, 1280), 16, 524288, (2.5e-4, 0.0, 700, 286102), 0),  # run_gpt2_774M.sh
+    ("gpt2-xl", (48, 25, 1600), 16, 1048576, (6e-4, 6e-5, 700, 32000), 1)])  # run_gpt2_1558M.sh (B: the memory plan)
+def test_the_bigger_gpt2s_presets_are_llmcs_recipes_and_scale_to_max_steps(preset, model, B, tokens, schedule, fsdp):
+    def parse(*flags):
+        return train_gpt2.parse_config(["--preset", preset, "--device", "cpu", "--data", str(REPO / "input.txt"),
+                                        *flags], 8)[0]
+    args = parse()
+    assert (args.n_layer, args.n_head, args.n_embd, args.block_size, args.T) == (*model, 1024, 1024)
+    assert (args.B, args.total_batch_size, args.fsdp) == (B, tokens, fsdp)
+    assert (args.max_lr, args.min_lr, args.warmup_steps, args.max_steps) == schedule
+    assert parse("--max_steps", "1000").warmup_steps == round(1000 * 700 / schedule[3])  # the warmup keeps its share
+
+
 def bad_input(tmp_path, case):
     """The flags of a bad-input case, with the files it needs made in tmp_path."""
     d = tmp_path / "data"
