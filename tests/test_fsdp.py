@@ -24,11 +24,30 @@ def uneven_examples():
     return [dict(ex, ind=i) for i, ex in enumerate((make_examples() * 3)[:17])]
 
 
+# FSDP's root handles a forward's inputs as it does on a GPU: there (not on a CPU) it moves them to the device with
+# _to_kwargs, which rebuilds every list, tuple and dict it is given (a KV cache as a list: the blocks would fill a copy)
+AS_ON_A_GPU = """
+import torch
+from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+_root_pre_forward = FSDPState._root_pre_forward
+def _as_on_a_gpu(self, *args, **kwargs):
+    backend_name = torch._C._get_privateuse1_backend_name
+    torch._C._get_privateuse1_backend_name = lambda: "cpu"  # (its list of accelerators ends with this name)
+    try:
+        return _root_pre_forward(self, *args, **kwargs)
+    finally:
+        torch._C._get_privateuse1_backend_name = backend_name
+FSDPState._root_pre_forward = _as_on_a_gpu
+"""
+
+
 @pytest.fixture(scope="session")
 def fsdp_run(tmp_path_factory):
-    """RUN under FSDP on 2 ranks with HellaSwag: the yardstick of the FSDP tests."""
+    """RUN under FSDP on 2 ranks with HellaSwag, its root's inputs handled as on a GPU: the yardstick of the FSDP
+    tests."""
     def make(d):
-        env = env_for_tests(HELLASWAG_DIR=hellaswag_dir(d / "hellaswag", uneven_examples()))
+        env = env_with_sitecustomize(AS_ON_A_GPU, d / "site",
+                                     HELLASWAG_DIR=hellaswag_dir(d / "hellaswag", uneven_examples()))
         return torchrun(2, *FSDP, "--log_dir", d / "log", cwd=d, env=env)
     log, r = made_once(tmp_path_factory, "fsdp", make)
     assert r.returncode == 0 and "SIGABRT" not in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
@@ -76,6 +95,16 @@ def test_hellaswag_and_sampling_under_fsdp_finish_with_uneven_work(fsdp_run):
     hella = [line for line in out.splitlines() if "| HellaSwag accuracy: " in line]
     assert len(hella) == 4 and all("/17=" in line for line in hella)  # steps 0, 8, 16, 24: every example, once
     assert all(out.count(f"rank {r} sample {i}: Hello, I'm a language model,") == 3 for r in (0, 1) for i in range(4))
+
+
+def test_fsdp_samples_as_on_a_gpu_are_the_plain_models(fsdp_run):
+    """The samples at step 24, from the sharded model with its root's inputs moved as on a GPU, equal the plain
+    model's from the same weights (the checkpoint of step 24) and seeds (42 + rank)."""
+    model = GPT.from_pretrained(str(fsdp_run[0] / "model_00024.pt"))
+    out = fsdp_run[1].stdout.split("step    24 | val loss")[1]
+    for rank in (0, 1):
+        texts = model.generate_text("Hello, I'm a language model,", 4, 32, 42 + rank)
+        assert [f"rank {rank} sample {i}: {text}" in out for i, text in enumerate(texts)] == [True] * 4, rank
 
 
 def test_an_fsdp_checkpoint_is_one_file_in_the_format_one_process_writes(fsdp_run, shared_run):

@@ -337,7 +337,7 @@ def test_cli_errors_are_one_line(tmp_path, data_dir, case):
     assert line.startswith("hellaswag.py: error: ") and {
         "no data and no network": "could not get hellaswag_val.jsonl (https://raw.githubusercontent.com/rowanz/",
         "a bad line": "hellaswag_val.jsonl line 9 is not a HellaSwag example",
-        "an unknown model": f"cannot download {model} (cannot connect to huggingface.co"}[case] in line, line
+        "an unknown model": f"could not load {model} (cannot connect to huggingface.co"}[case] in line, line
 
 
 def test_cli_limit_and_batch_size_of_0_are_refused_first(capsys):

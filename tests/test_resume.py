@@ -55,17 +55,17 @@ def test_resume_after_sigkill_is_bit_exact_and_skips_a_half_written_checkpoint(t
     assert_same_run(tmp_path / "log", shared_run[0])
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice"])
+@pytest.mark.parametrize("how", ["SIGTERM twice", "SIGINT"])
 def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, how, capsys):
     proc = start([sys.executable, str(REPO / "train_gpt2.py"), *RUN, "--log_dir", "log"], cwd=tmp_path)
     wait_for_line(proc, "step     9 | loss")
-    if how == "SIGTERM":
+    if how == "SIGTERM twice":  # a scheduler's SIGTERM and torchrun's copy of it: one request
         proc.send_signal(signal.SIGTERM)
-    else:  # a second Ctrl-C while the first is being handled changes nothing
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+    else:
         proc.send_signal(signal.SIGINT)
     out = finish(proc)
-    assert proc.returncode == 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    assert proc.returncode == 128 + (signal.SIGTERM if how == "SIGTERM twice" else signal.SIGINT)
     line = [ln for ln in out.splitlines() if ln.startswith("stopped by")]
     assert len(line) == 1 and "Traceback" not in out
     step = int(line[0].split("after step ")[1].split(":")[0])
@@ -74,6 +74,53 @@ def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, 
     r = run_main(capsys, tmp_path, *RUN, "--log_dir", "log", "--resume", "auto")
     assert r.returncode == 0, r.stderr
     assert_same_run(tmp_path / "log", shared_run[0])
+
+
+# a model whose CPU step takes seconds (4 here), most of it in single long calls (backward is one)
+SLOW = [*RUN, "--n_layer", "4", "--n_head", "8", "--n_embd", "512", "--block_size", "256", "--T", "256",
+        "--total_batch_size", "1024", "--val_steps", "1", "--eval_interval", "100", "--checkpoint_interval", "1",
+        "--log_dir", "log"]
+
+
+def ctrl_c_twice(proc, signalled):
+    """Once step 1 has begun (after step 0 and its checkpoint), Ctrl-C `signalled` (a pid), wait for the line that
+    says the step will finish, Ctrl-C again; all the output."""
+    lines = wait_for_line(proc, "saved log/model_00001.pt")
+    os.kill(signalled, signal.SIGINT)
+    lines += wait_for_line(proc, "Ctrl-C again stops at once")
+    os.kill(signalled, signal.SIGINT)
+    return "".join(lines) + finish(proc)
+
+
+def assert_stopped_in_step_1(out, log_dir):
+    """Step 1 was neither finished nor saved, and the last line names the checkpoint of step 1 (one process: the
+    signal's, SIGINT; under torchrun, SIGTERM)."""
+    assert "step     1 | loss" not in out and sorted(p.name for p in log_dir.glob("model_*")) == ["model_00001.pt"]
+    assert [ln for ln in out.splitlines() if ln.startswith("stopped at once")] == [
+        f"stopped at once by {'SIGTERM' if 'torch.distributed' in out else 'SIGINT'}: the step in progress is lost; "
+        f"the last checkpoint is log/model_00001.pt"], out[-3000:]
+
+
+def test_ctrl_c_again_stops_at_once_naming_the_last_checkpoint(tmp_path):
+    proc = start([sys.executable, str(REPO / "train_gpt2.py"), *SLOW], cwd=tmp_path)
+    out = ctrl_c_twice(proc, proc.pid)
+    assert "SIGINT: the step in progress will finish and be saved, then the run stops; Ctrl-C again stops at " \
+           "once" in out
+    assert proc.returncode == 130
+    assert_stopped_in_step_1(out, tmp_path / "log")
+
+
+def test_under_torchrun_ctrl_c_again_ends_every_rank_at_once(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun (its workers have sessions of their own): it passes the first on as
+    SIGINT, the second as SIGTERM. Every rank ends at once, and torchrun with them."""
+    launcher = start(torchrun_cmd(2, *SLOW, "--total_batch_size", "2048"), cwd=tmp_path)
+    wait_for_line(launcher, "step     0 | val loss")
+    ranks = [pid_of_rank(launcher, rank) for rank in (0, 1)]
+    out = ctrl_c_twice(launcher, launcher.pid)
+    assert_stopped_in_step_1(out, tmp_path / "log")
+    for pid in ranks:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_under_torchrun_every_rank_stops_at_the_same_step_and_the_run_resumes_exactly(tmp_path, ddp_run):

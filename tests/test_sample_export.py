@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO, TINY, MakesAFile, env_for_tests, far_gpt2, hub_cache_with_gpt2, mean_val_loss, \
-    offline_env, read_log, run_main, run_script
+from conftest import REPO, TINY, MakesAFile, env_for_tests, far_gpt2, hellaswag_dir, hub_cache_with_gpt2, \
+    make_examples, mean_val_loss, offline_env, read_log, run_main, run_script
 from gpt2_tokenizer import get_encoding
 import train_gpt2
 from train_gpt2 import GPT
@@ -140,10 +140,13 @@ def test_hub_weights_without_network_fail_fast_in_one_line(tmp_path):
 
 def test_a_populated_hub_cache_works_offline(tmp_path):
     hub_cache_with_gpt2(tmp_path / "hf-home" / "hub")
-    r = run_script("train_gpt2.py", "--init_from", "gpt2", "--sample", "Hi", "--device", "cpu", cwd=tmp_path,
-                   env=offline_env(tmp_path, HF_HOME=tmp_path / "hf-home"))
+    env = offline_env(tmp_path, HF_HOME=tmp_path / "hf-home", HELLASWAG_DIR=hellaswag_dir(tmp_path, make_examples()))
+    r = run_script("train_gpt2.py", "--init_from", "gpt2", "--sample", "Hi", "--device", "cpu", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("sampling from gpt2\nsample 0: Hi")
+    r = run_script("hellaswag.py", "-m", "gpt2", "-d", "cpu", "--limit", "4", cwd=tmp_path, env=env)  # (the same way)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("4 acc: ")
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle", "pytorch_model.bin"])

@@ -90,7 +90,7 @@ def bad_input(tmp_path, case):
     return {
         "--data without shards": (["--data", tmp_path / "texts"],
                                   "holds no .npy (nor nanoGPT's or llm.c's .bin) shards: make them with fineweb.py"),
-        "--data missing": (["--data", tmp_path / "nope"], "give a directory of shards (not one shard) or a .txt"),
+        "--data missing": (["--data", tmp_path / "nope"], "give a directory of shards (not one shard), a .txt or a "),
         "--data one shard": (["--data", d / "edufineweb_val_000000.npy"], "give a directory of shards (not one shard)"),
         "token ids beyond the vocabulary": (["--data", d], "below vocab_size 50304"),
         "text not UTF-8": (["--data", tmp_path / "not-utf8.txt"], "is not UTF-8"),
@@ -320,22 +320,32 @@ def test_device_cuda_n_under_torchrun_is_one_line_naming_local_rank(capsys, monk
 
 
 def follow_cuda_start_up(tmp_path, env=(), bf16=True, flags=()):
-    """Run train_gpt2.main with torch.cuda saying a GPU is there, up to its first CUDA call (set_device, which ends
-    the run); returns what it printed and the calls it made."""
+    """Run train_gpt2.main with torch.cuda saying a GPU is there, up to the seeding of the GPUs (which ends the run);
+    returns what it printed and the CUDA calls it made: set_device, is_bf16_supported (and the GPU it asked, the
+    current one), init_process_group (and its timeout in seconds)."""
     script = f"""
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
 calls = []
+current = ["cuda:0"]
 torch.cuda.is_available = lambda: True
 torch.cuda.device_count = lambda: 2
 torch.cuda.get_device_name = lambda device=None: "Tesla T4" if not {bf16} else "NVIDIA A100-SXM4-80GB"
-torch.cuda.is_bf16_supported = lambda including_emulation=True: {bf16} or including_emulation
-dist.init_process_group = lambda backend, **kw: calls.append(["init_process_group", backend])
+def is_bf16_supported(including_emulation=True):
+    calls.append(["is_bf16_supported", current[0]])
+    return {bf16} or including_emulation
+torch.cuda.is_bf16_supported = is_bf16_supported
+def init_process_group(backend, **kw):
+    calls.append(["init_process_group", backend, kw["timeout"].total_seconds() if "timeout" in kw else None])
+dist.init_process_group = init_process_group
 def set_device(device):
     calls.append(["set_device", str(device)])
+    current[0] = str(device)
+torch.cuda.set_device = set_device
+def manual_seed_all(seed):
     print("CALLS " + json.dumps(calls), flush=True)
     os._exit(0)
-torch.cuda.set_device = set_device
+torch.cuda.manual_seed_all = manual_seed_all
 import train_gpt2
 train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir", "log", *map(str, flags)]!r})
 """
@@ -347,7 +357,7 @@ train_gpt2.main({[a for a in TINY if a not in ("--device", "cpu")] + ["--log_dir
 
 def test_one_gpu_start_up_sets_an_indexed_device(tmp_path):
     out, calls = follow_cuda_start_up(tmp_path)
-    assert calls == [["set_device", "cuda:0"]]
+    assert calls == [["set_device", "cuda:0"], ["is_bf16_supported", "cuda:0"]]
     assert "device: cuda x 1; dtype: bfloat16 (the GPU has bfloat16 tensor cores); compile: True;" in out
 
 
@@ -358,10 +368,12 @@ def test_eval_only_on_a_gpu_neither_compiles_nor_speaks_of_gradient_accumulation
     assert "gradient accumulation" not in out and "total desired batch size" not in out
 
 
-def test_torchrun_start_up_sets_the_local_ranks_device(tmp_path):
+def test_torchrun_start_up_sets_the_local_ranks_device_before_asking_it_anything(tmp_path):
+    """Rank 1 asks GPU 1 whether it has bfloat16, not GPU 0; and NCCL waits an hour, not its default 10 minutes, for a
+    rank: the others wait while rank 0 writes a checkpoint (GPT-2 XL's: 19 GB) or downloads HellaSwag."""
     env = {"RANK": 1, "LOCAL_RANK": 1, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29999}
     out, calls = follow_cuda_start_up(tmp_path, env)
-    assert calls == [["init_process_group", "nccl"], ["set_device", "cuda:1"]]
+    assert calls == [["set_device", "cuda:1"], ["is_bf16_supported", "cuda:1"], ["init_process_group", "nccl", 3600]]
 
 
 def test_the_recipe_is_chosen_on_a_gpu_with_fineweb_sized_shards_only(tmp_path):
