@@ -233,10 +233,11 @@ class GPT(nn.Module):
             print(f"using fused AdamW: {use_fused}")
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
-    def flops_per_token(self, T):  # training FLOPs, nanoGPT's estimate
+    def flops_per_token(self, T):  # training FLOPs, nanoGPT's estimate (a frozen weight, LoRA's: no gradient, 4 not 6)
         c = self.config
-        n = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+        wpe = self.transformer.wpe.weight  # (a lookup: no FLOPs)
+        n = sum((6 if p.requires_grad else 4) * p.numel() for p in self.parameters() if p is not wpe)
+        return n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
     @torch.no_grad()
     def generate(self, idx, max_length, top_k=50, temperature=1.0, generator=None, on_token=None, cache=None):
@@ -721,7 +722,8 @@ def chat(model, args, dtype):
             ids, dropped = chat_prompt(messages, room, model.config.block_size)
             if dropped:
                 print(f"(the block of {model.config.block_size} tokens is full: the oldest turns go)", file=sys.stderr)
-            cache.crop(len(cached) if ids[:len(cached)] == cached else 0)  # (what it holds of these ids, or nothing)
+            same = [a == b for a, b in zip(cached, ids[:-1])] + [False]  # (the cache keeps their common start: the
+            cache.crop(same.index(False))  # reply re-encoded from its text may differ; one id at least is fed)
             reply = []  # (token, time)
             t0 = time.time()
 
@@ -734,10 +736,10 @@ def chat(model, args, dtype):
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 idx = model.generate(torch.tensor([ids], device=device), len(ids) + room, args.top_k,
                                      args.temperature, generator, on_token, cache)
-            print(flush=True)
             replies.append((reply[0][1] - t0, len(reply) - 1, reply[-1][1] - reply[0][1]))
             cached = idx[0, :len(cache)].tolist()
             messages.append({"role": "assistant", "content": enc.decode([t for t, _ in reply if t != EOT])})
+            print(flush=True)  # (the reply's end, once it is counted and kept)
     except (EOFError, KeyboardInterrupt):  # (the end of the input, or Ctrl-C)
         print(file=sys.stderr)
     if replies:
@@ -902,9 +904,9 @@ def train(args, why, ckpt):
     if T > config.block_size:
         raise UsageError(f"--T {T} is longer than the model's block size {config.block_size}")
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = model.flops_per_token(T)
     if args.lora_rank and not model.lora:  # new adapters (B = 0: the model starts as the base); resumed: ckpt's
         model.add_lora(args.lora_rank, args.lora_alpha)
+    flops_per_token = model.flops_per_token(T)
     model.to(device)
     if model.lora and dtype != torch.float32:  # the frozen weights in the compute dtype: 2 bytes a parameter
         for p in [p for p in model.parameters() if not p.requires_grad]:
@@ -993,7 +995,8 @@ def train(args, why, ckpt):
         if error:
             raise UsageError(error)
 
-    stop = []  # preemption (SIGTERM, Ctrl-C): end the step, checkpoint, stop; Ctrl-C again: stop at once
+    stop = []  # SIGTERM or Ctrl-C: end the step, checkpoint, stop; Ctrl-C again: at once (a SIGTERM again: no, it is
+    # the copy torchrun sends of a scheduler's)
 
     def on_signals(read):  # (a thread of its own: see below)
         while signum := os.read(read, 1):
@@ -1002,8 +1005,7 @@ def train(args, why, ckpt):
                 stop.append(signum[0])
                 print0(f"{name}: the step in progress will finish" + ("" if bench else " and be saved")
                        + ", then the run stops; Ctrl-C again stops at once")
-            elif signal.SIGINT in (signum[0], stop[0]):  # (torchrun passes a second Ctrl-C on as SIGTERM; a
-                # scheduler's SIGTERM and torchrun's copy of it are one request)
+            elif signal.SIGINT in (signum[0], stop[0]):  # (a second Ctrl-C: torchrun passes it on as SIGTERM)
                 print0(f"stopped at once by {name}: the step in progress is lost; the last checkpoint is "
                        f"{last_checkpoint or 'none'}")
                 os._exit(128 + signal.SIGINT)
@@ -1018,8 +1020,7 @@ def train(args, why, ckpt):
     last_checkpoint = args.resume
     step_times = []
     t_start = time.time()
-    # the signals go to on_signals as they come: the main thread may be inside one long backward (hours for GPT-2 XL
-    # on a CPU), where Python runs no handler, but the C handler writes each to the wakeup fd at once
+    # signals reach on_signals at once: the main thread may be in one long backward, where Python runs no handler
     read, write = os.pipe()
     os.set_blocking(write, False)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1116,7 +1117,7 @@ def train(args, why, ckpt):
             preset=args.preset, n_params=n_params, **asdict(config), B=B, T=T, grad_accum_steps=grad_accum_steps,
             total_batch_size=total_batch_size, world_size=ddp_world_size, fsdp=fsdp, dtype=str(dtype)[6:],
             activation_checkpointing=bool(args.activation_checkpointing), compile=use_compile, device=device_name,
-            torch=torch.__version__, cuda=torch.version.cuda, steps=len(step_times))))
+            torch=torch.__version__, cuda=torch.version.cuda, steps=len(step_times), lora=raw_model.lora)))
     else:
         print0(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: final val loss {val_loss:.4f}, "
                f"best {best[0]:.4f} at step {best[1]}; sample with python train_gpt2.py --init_from {last_checkpoint} "

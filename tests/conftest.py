@@ -355,12 +355,13 @@ CHAT = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64
 
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory):
-    """A tiny GPT trained from scratch on 200 conversations for 40 steps, shuffled by conversation."""
+    """A tiny GPT trained from scratch on 200 conversations for 40 steps, shuffled by conversation, on 2 ranks under
+    FSDP (B=1 each: the same step)."""
     def make(d):
-        return run_script("train_gpt2.py", *CHAT, "--data", write_chats(d / "chats.jsonl", 200), "--max_steps", "40",
-                          "--eval_interval", "20", "--shuffle", "1", "--log_dir", d / "log", cwd=d)
+        return torchrun(2, *CHAT, "--B", "1", "--fsdp", "1", "--data", write_chats(d / "chats.jsonl", 200),
+                        "--max_steps", "40", "--eval_interval", "20", "--shuffle", "1", "--log_dir", d / "log", cwd=d)
     log, r = made_once(tmp_path_factory, "chat", make)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
     return log, r
 
 

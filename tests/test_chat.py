@@ -1,12 +1,16 @@
 """Your own assistant: conversations as data (--data FILE.jsonl), the loss on the replies alone, the chat template that
 training, --chat and the exported tokenizer share, --chat itself, and bad files refused in one line before step 0."""
 import json
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
 
-from conftest import CHAT, REPLY, far_gpt2, read_log, run_main, run_script, write_chats, write_jsonl
+from conftest import CHAT, REPLY, REPO, env_for_tests, far_gpt2, read_log, run_main, run_script
 from gpt2_tokenizer import EOT, encode_chat, get_encoding, save_hf_tokenizer
 
 CONVERSATIONS = [  # what a template can trip on: spaces and blank lines around contents, an empty content, a content
@@ -44,15 +48,17 @@ def reply_tokens(path):
 
 def test_a_tiny_model_learns_the_replies_and_no_loss_is_taken_on_the_users_words(chat_run):
     """The users' turns are random words, the replies fixed: a val loss near 0 is reached only when the loss counts the
-    replies alone (and every reply: the model learned them all in 40 steps)."""
+    replies alone (and every reply: the model learned them all in 40 steps, sharded on 2 ranks)."""
     log, r = chat_run
+    assert "; FSDP; " in r.stdout
     counts = reply_tokens(log.parent / "chats.jsonl")  # (the last tenth of the conversations is val)
     assert f"train: 180 conversations, {sum(counts[:180]):,} reply tokens\n" in r.stdout
     assert f"val: 20 conversations, {sum(counts[180:]):,} reply tokens\n" in r.stdout
     losses = read_log(log / "log.txt")
     assert float(losses[(0, "val")]) > 10 and float(losses[(40, "val")]) < 0.1
-    samples = r.stdout.split("step    40 | val loss")[1].splitlines()[1:5]
-    assert all(s.startswith("sample ") and s.endswith(f"Assistant: {REPLY}") for s in samples), samples
+    samples = re.split(r"rank \d sample \d: ", r.stdout.split("step    40 | val loss")[1])[1:]  # (2 ranks' lines,
+    assert len(samples) == 8 and all(" User: " in s and "Assistant: " in s for s in samples), samples  # interleaved)
+    assert sum(f"Assistant: {REPLY}" in s for s in samples) >= 4, samples  # (drawn top-k: most are exact)
 
 
 def test_chat_answers_and_the_exported_pipeline_answers_alike(chat_run, tmp_path):
@@ -94,6 +100,18 @@ def test_chat_with_top_k_1_replies_as_transformers_greedy_generate_does_turn_aft
         messages.append({"role": "assistant", "content": reply})
         expected += reply.removeprefix(" ") + "\n"
     assert r.stdout == expected
+
+
+def test_ctrl_c_ends_a_chat_cleanly(chat_run, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), "--init_from", chat_run[0] / "model_00040.pt",
+                             "--chat", "--top_k", "1"], cwd=tmp_path, env=env_for_tests(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("hello\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == f"{REPLY}\n"  # (then it waits for the next line)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("1 replies: ")
 
 
 BAD = {  # the third line of a file (the first empty, skipped but counted; the second a conversation), and the error

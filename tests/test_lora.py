@@ -3,8 +3,6 @@ AdamW state), one process, accumulation and DDP alike, exact resume, and a check
 The runs fine-tune a GPT-2 far from any training on conversations: they share the conversation issue's loss (the mean
 over the step's reply tokens, across micro steps and ranks)."""
 import json
-import os
-import shutil
 import signal
 import sys
 
@@ -14,7 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import REPO, far_gpt2, finish, made_once, read_log, run_main, run_script, start, torchrun, \
     wait_for_line, write_chats
-import train_gpt2
+from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, LoRALinear, load_checkpoint, load_weights
 
 # a step of 8 rows of 64 tokens: in one micro step (B=8), in two (B=4), or on two ranks (B=4 each)
@@ -96,8 +94,12 @@ def test_every_reader_takes_a_lora_checkpoint_merged(lora_runs, tmp_path, capsys
     with torch.no_grad():
         logits = unmerged(x)[0]
         assert (merged(x)[0] - logits).abs().max() < 1e-5 and (hf(x).logits - logits).abs().max() < 1e-5
-        greedy = hf.generate(x[:1, :8], max_new_tokens=8, do_sample=False, pad_token_id=50256)[0].tolist()
-    assert unmerged.generate(x[:1, :8], 16, top_k=1)[0].tolist() == greedy
+        ids = torch.tensor([get_encoding().encode("Hello, I'm a language model,")])
+        greedy = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=50256)[0].tolist()
+    assert unmerged.generate(ids, 16, top_k=1)[0].tolist() == greedy
+    r = run_main(capsys, tmp_path, "--init_from", ckpt, "--sample", "Hello, I'm a language model,", "--num_samples",
+                 "1", "--top_k", "1", "--max_new_tokens", "8")
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == get_encoding().decode(greedy), r.stdout
     r = run_main(capsys, tmp_path, "--eval_only", "--init_from", ckpt, "--data", lora_runs["data"])  # (its B, T)
     assert r.returncode == 0, r.stderr
     assert f"{json.loads(r.stdout.splitlines()[-1])['val_loss']:.4f}" == read_log(lora_runs["one"] / "log.txt")[
@@ -121,8 +123,8 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly(lora_runs, tmp_path, caps
 
 def test_frozen_weights_are_held_in_the_compute_dtype(lora_runs, tmp_path, capsys):
     """bfloat16 (asked for on this CPU, as a GPU chooses it): 2 bytes a frozen parameter, and none of theirs in AdamW."""
-    r = run_main(capsys, tmp_path, *LORA, "--init_from", lora_runs["base"], "--data", lora_runs["data"], "--B", "8",
-                 "--dtype", "bfloat16", "--benchmark", "2")
+    r = run_main(capsys, tmp_path, *LORA, "--init_from", lora_runs["base"], "--data", REPO / "input.txt", "--B", "8",
+                 "--dtype", "bfloat16", "--benchmark", "2")  # (text, as any data)
     assert r.returncode == 0, r.stderr
     base = load_weights(str(lora_runs["base"]))["model"]
     frozen = sum(v.numel() for v in base.values()) - 50257 * 32

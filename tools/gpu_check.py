@@ -3,7 +3,8 @@ The one command to run on a first GPU machine: how fast GPT-2 124M trains here, 
 activation checkpointing and FSDP cost and save.
 
     python tools/gpu_check.py          # 124M at B = 8, 16, 32, 64, compile on and off, and with activation
-                                       # checkpointing; on 2+ GPUs gpt2-medium under DDP and FSDP; HellaSwag's full val
+                                       # checkpointing; LoRA (rank 8) on 124M and gpt2-medium, next to a full step;
+                                       # on 2+ GPUs gpt2-medium under DDP and FSDP; HellaSwag's full val
     python tools/gpu_check.py --cpu    # the same steps, reduced (a tiny model, one B, 2 processes) on the CPU
 
 Each row is `python train_gpt2.py --preset gpt2 --B <B> --compile <0|1> --benchmark <steps>` on one GPU (or under
@@ -53,7 +54,8 @@ def train_row(data, B, compile, steps, extra, processes=1):
     if r.returncode == 0 and lines:
         return json.loads(lines[-1])
     asked = {"B": B, "compile": bool(compile), "world_size": processes, "fsdp": "--fsdp" in extra,
-             "activation_checkpointing": "--activation_checkpointing" in extra}
+             "activation_checkpointing": "--activation_checkpointing" in extra,
+             "lora": {"rank": int(extra[extra.index("--lora_rank") + 1])} if "--lora_rank" in extra else None}
     if "out of device memory" in r.stderr or "out of memory" in r.stderr:
         return dict(asked, error="OOM")
     return dict(asked, error=(r.stderr.strip().splitlines() or ["?"])[-1][:300])
@@ -62,7 +64,8 @@ def train_row(data, B, compile, steps, extra, processes=1):
 def label(row):
     how = "FSDP" if row["fsdp"] else "DDP" if row["world_size"] > 1 else "one"
     return (f"{how:4s} x{row['world_size']} B {row['B']:3d} compile {int(row['compile'])}"
-            + (" AC" if row["activation_checkpointing"] else "   "))
+            + (" AC" if row["activation_checkpointing"] else "   ")
+            + (f" LoRA r={row['lora']['rank']}" if row.get("lora") else ""))
 
 
 def show(row):
@@ -126,6 +129,15 @@ def main():
         for B in [] if args.cpu else ladder + [128]:
             rows.append(train_row(data, B, compiles[0], steps, [*small, "--activation_checkpointing", "1"]))
             show(rows[-1])
+        # LoRA on one GPU: the frozen model's speed, peak memory and state, for 124M beside its full-training row of
+        # the same B, and for gpt2-medium (one micro step a step), full then LoRA (--cpu: none)
+        if not args.cpu:
+            print("LoRA (--lora_rank 8) on one GPU: 124M (its full row above), then gpt2-medium full and LoRA")
+            lora = ["--lora_rank", "8"]
+            medium = ["--preset", "gpt2-medium", "--total_batch_size", str(16 * 1024)]
+            for extra in [lora, medium, [*medium, *lora]]:
+                rows.append(train_row(data, 16, compiles[0], steps, extra))
+                show(rows[-1])
         # DDP and FSDP on all the GPUs: the state a rank holds, and the speed, for gpt2-medium (--cpu: TINY's model,
         # FSDP with activation checkpointing only, to check the plumbing)
         if gpus >= 2:
