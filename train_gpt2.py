@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
             cache[:] = [k, v]
         S = k.size(2)  # new queries see the cached positions and the new ones up to their own (one sees all: no mask)
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if 1 < T < S else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1)  # flash attention
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # flash attention
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side
         return self.c_proj(y)
 
@@ -261,7 +261,7 @@ class GPT(nn.Module):
                       dtype=torch.float32, stream=False):  # stream: print the first sample as it comes
         enc = get_encoding()
         device = self.lm_head.weight.device
-        tokens = prompt if isinstance(prompt, list) else enc.encode(prompt) or [EOT]  # (empty: <|endoftext|>)
+        tokens = prompt if isinstance(prompt, list) else enc.encode(prompt, allowed_special="all") or [EOT]  # ("": EOT)
         idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
 
         def show(token):  # (bytes: the terminal joins split characters)
@@ -368,10 +368,9 @@ class DataLoaderLite:
         self.position = 0
         self.open(np.zeros(0, dtype=np.uint16))
 
-    def read(self, path, epoch):  # a shard's tokens and which are targets (text: all); conversations: epoch's rows
+    def read(self, path, epoch):  # a shard's tokens and which are targets (None: all); conversations: epoch's rows
         if self.chats is None:
-            tokens = load_tokens(path, self.split)
-            return tokens, np.broadcast_to(True, tokens.shape)
+            return load_tokens(path, self.split), None
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chats)) if self.shuffle else None
         return pack_chats(self.chats, self.T, order)
 
@@ -380,7 +379,7 @@ class DataLoaderLite:
         if self.shuffle:
             shard = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))[shard]
         path = self.shards[shard]
-        tokens, self.mask = self.read(path, self.epoch)
+        tokens, mask = self.read(path, self.epoch)
         if path not in _IDS_CHECKED:  # every id in 0..vocab_size-1 (a 1e8-token shard: a fraction of a second)
             low = int(tokens.min()) if tokens.dtype.kind == "i" else 0
             high = int(tokens.max())
@@ -395,6 +394,7 @@ class DataLoaderLite:
             tokens = np.concatenate([carry] + [tokens[starts[i]:starts[i + 1]] for i in order])
         self.carry = carry
         self.tokens = tokens
+        self.mask = mask if mask is not None else np.broadcast_to(True, tokens.shape)  # (text: every token)
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -422,7 +422,7 @@ class DataLoaderLite:
         """A step's micro batches, read first: [(x, y, weight)], weight their share of all ranks' counted targets times
         micro_steps * num_processes, so the step's loss is their mean (text: 1.0; conversations: by reply tokens)."""
         n = self.B * self.T
-        batches = []  # (x, y, the targets counted in x and y, in all ranks' batches): counted before it moves on
+        batches = []  # (x, y, the targets counted in this rank's batch, in all ranks'): counted before it moves on
         for _ in range(micro_steps):
             everyones = self.mask[self.position + 1:self.position + n * self.num_processes + 1]
             mine = everyones[n * self.process_rank:n * self.process_rank + n]
@@ -688,7 +688,7 @@ def command(args, ckpt):
     if args.chat:
         chat(model, args, dtype)
     elif args.sample is not None:
-        max_length = len(get_encoding().encode(args.sample) or [EOT]) + args.max_new_tokens
+        max_length = len(get_encoding().encode(args.sample, allowed_special="all") or [EOT]) + args.max_new_tokens
         seed = args.seed if "seed" in args.given else 42
         print(f"sampling from {source}")
         texts = model.generate_text(args.sample, args.num_samples, max_length, seed, args.top_k, args.temperature,
@@ -995,8 +995,8 @@ def train(args, why, ckpt):
         if error:
             raise UsageError(error)
 
-    stop = []  # SIGTERM or Ctrl-C: end the step, checkpoint, stop; Ctrl-C again: at once (a SIGTERM again: no, it is
-    # the copy torchrun sends of a scheduler's)
+    stop = []  # SIGTERM or Ctrl-C: end the step, checkpoint, stop. Ctrl-C again: at once; SIGTERM again changes nothing
+    # (a scheduler that signals every process, and torchrun, which passes its own on, send each rank two)
 
     def on_signals(read):  # (a thread of its own: see below)
         while signum := os.read(read, 1):

@@ -1,8 +1,10 @@
 """Shared by the tests: the repo's path, a tiny model's flags, the real scripts run as subprocesses, and the training
 runs that many tests read (each made once per session)."""
 import atexit
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -156,13 +158,17 @@ def run_script(*args, cwd=None, env=None, timeout=300, input=None):
 
 def run_main(capsys, cwd, *args):
     """train_gpt2.main(args) in this process, in cwd: what run_script returns, without a second start of torch
-    (for a run that needs no process of its own: no signal, no kill, no resource limit). The SIGTERM and SIGINT
-    handlers the training loop sets are put back after, and its wakeup fd closed."""
+    (for a run that needs no process of its own: no signal, no kill, no resource limit). capsys None: the output
+    caught here (a session fixture's run). The SIGTERM and SIGINT handlers the training loop sets are put back after,
+    and its wakeup fd closed."""
     import train_gpt2
     handlers, old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}, os.getcwd()
+    caught = [io.StringIO(), io.StringIO()]
     os.chdir(cwd)
     try:
-        train_gpt2.main([str(a) for a in args])
+        with contextlib.redirect_stdout(caught[0]) if capsys is None else contextlib.nullcontext(), \
+                contextlib.redirect_stderr(caught[1]) if capsys is None else contextlib.nullcontext():
+            train_gpt2.main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code
@@ -173,7 +179,7 @@ def run_main(capsys, cwd, *args):
         wakeup = signal.set_wakeup_fd(-1)  # (the training loop's, to its signal thread: closed, the thread ends)
         if wakeup != -1:
             os.close(wakeup)
-    out, err = capsys.readouterr()
+    out, err = capsys.readouterr() if capsys is not None else (c.getvalue() for c in caught)
     return subprocess.CompletedProcess(args, code, out, err)
 
 

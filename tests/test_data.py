@@ -200,3 +200,13 @@ def test_shuffle_is_seeded_differs_by_epoch_and_resumes_exactly(tmp_path):
     resumed.load_state_dict(a.state_dict())  # (a is past an epoch's end, with a carried tail)
     assert a.epoch > 0 and len(a.carry) > 0
     assert [a.next_batch()[0].tolist() for _ in range(100)] == [resumed.next_batch()[0].tolist() for _ in range(100)]
+
+
+def test_every_text_target_counts_as_one_in_every_step_shuffled_or_not(tmp_path):
+    """A step's micro batches of text weigh 1 each (conversations weigh by their reply tokens), over several epochs
+    whose shards carry a tail into the next, on each of 2 ranks."""
+    _, root = document_shards(tmp_path / "d")
+    for shuffle in (False, True):
+        loaders = [DataLoaderLite(2, 4, r, 2, data_root=str(root), shuffle=shuffle, seed=5) for r in range(2)]
+        weights = {w for _ in range(150) for loader in loaders for _, _, w in loader.next_step(3)}
+        assert weights == {1.0} and loaders[0].epoch > 1, shuffle

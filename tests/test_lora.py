@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import REPO, far_gpt2, finish, made_once, read_log, run_main, run_script, start, torchrun, \
-    wait_for_line, write_chats
+from conftest import REPO, far_gpt2, finish, made_once, read_log, run_main, start, torchrun, wait_for_line, \
+    write_chats
 from gpt2_tokenizer import get_encoding
 from train_gpt2 import GPT, LoRALinear, load_checkpoint, load_weights
 
@@ -28,9 +28,8 @@ def lora_runs(tmp_path_factory):
     def make(d):
         base, data = far_gpt2(d / "base"), write_chats(d / "chats.jsonl", 240)
         flags = [*LORA, "--init_from", base, "--data", data]
-        runs = [run_script("train_gpt2.py", *flags, "--B", "8", "--log_dir", d / "one", cwd=d),
-                run_script("train_gpt2.py", *flags, "--B", "4", "--activation_checkpointing", "1", "--log_dir",
-                           d / "accumulated", cwd=d),
+        runs = [run_main(None, d, *flags, "--B", "8", "--log_dir", d / "one"),
+                run_main(None, d, *flags, "--B", "4", "--activation_checkpointing", "1", "--log_dir", d / "accumulated"),
                 torchrun(2, *flags, "--B", "4", "--log_dir", d / "ddp", cwd=d)]
         failed = [r for r in runs if r.returncode]
         return failed[0] if failed else runs[0]

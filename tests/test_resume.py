@@ -76,8 +76,8 @@ def test_a_signal_ends_the_step_saves_and_resumes_exactly(tmp_path, shared_run, 
     assert_same_run(tmp_path / "log", shared_run[0])
 
 
-# a model whose CPU step takes seconds (4 here), most of it in single long calls (backward is one)
-SLOW = [*RUN, "--n_layer", "4", "--n_head", "8", "--n_embd", "512", "--block_size", "256", "--T", "256",
+# a model whose CPU step takes seconds (2 here), most of it in single long calls (backward is one)
+SLOW = [*RUN, "--n_layer", "2", "--n_head", "4", "--n_embd", "256", "--block_size", "256", "--T", "256",
         "--total_batch_size", "1024", "--val_steps", "1", "--eval_interval", "100", "--checkpoint_interval", "1",
         "--log_dir", "log"]
 

@@ -170,3 +170,11 @@ def test_a_file_with_code_in_its_pickle_runs_no_code(tmp_path, capsys, how):
         assert ("cannot load checkpoint" if how != "pytorch_model.bin" else "could not load") in err
         assert "not loadable with weights_only=True: not a checkpoint, or one holding code" in err
         assert not marker.exists()
+
+
+def test_a_prompt_may_hold_the_end_of_text_token(shared_run, capsys):
+    """<|endoftext|> typed in a prompt is the token GPT-2 saw between its documents, not an error."""
+    r = run_main(capsys, shared_run[0].parent, "--init_from", shared_run[0] / "model_00024.pt", "--sample",
+                 "The end.<|endoftext|>A new", "--num_samples", "2", "--max_new_tokens", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("sample 0: The end.<|endoftext|>A new") == 1
