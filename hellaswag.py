@@ -275,7 +275,7 @@ def load_model(model_type):
     why = None if directory else hub_unreachable()
     try:  # (a .bin loads weights_only: no code in it runs)
         return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32, local_files_only=why is not None)
-    except Exception as e:  # (not on the hub or not in its cache (offline), a missing file, a config that cannot be built)
+    except Exception as e:  # (not on the hub, or not in its cache offline; a missing file; a config not buildable)
         fix = "" if directory else "; give a save_pretrained directory"
         raise HellaSwagUnavailable(f"could not load {model_type} ({why or reason(e)}){fix}") from None
 

@@ -95,7 +95,8 @@ def test_chat_with_top_k_1_replies_as_transformers_greedy_generate_does_turn_aft
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)["input_ids"]
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=EOT, pad_token_id=EOT)[0, ids.size(1):]
+            out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=EOT, pad_token_id=EOT)
+        new = out[0, ids.size(1):]
         reply = tokenizer.decode(new, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
         expected += reply.removeprefix(" ") + "\n"

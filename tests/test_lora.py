@@ -29,7 +29,8 @@ def lora_runs(tmp_path_factory):
         base, data = far_gpt2(d / "base"), write_chats(d / "chats.jsonl", 240)
         flags = [*LORA, "--init_from", base, "--data", data]
         runs = [run_main(None, d, *flags, "--B", "8", "--log_dir", d / "one"),
-                run_main(None, d, *flags, "--B", "4", "--activation_checkpointing", "1", "--log_dir", d / "accumulated"),
+                run_main(None, d, *flags, "--B", "4", "--activation_checkpointing", "1", "--log_dir",
+                         d / "accumulated"),
                 torchrun(2, *flags, "--B", "4", "--log_dir", d / "ddp", cwd=d)]
         failed = [r for r in runs if r.returncode]
         return failed[0] if failed else runs[0]
@@ -121,7 +122,7 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly(lora_runs, tmp_path, caps
 
 
 def test_frozen_weights_are_held_in_the_compute_dtype(lora_runs, tmp_path, capsys):
-    """bfloat16 (asked for on this CPU, as a GPU chooses it): 2 bytes a frozen parameter, and none of theirs in AdamW."""
+    """bfloat16 (asked for on this CPU, as a GPU chooses it): 2 bytes a frozen parameter, none of theirs in AdamW."""
     r = run_main(capsys, tmp_path, *LORA, "--init_from", lora_runs["base"], "--data", REPO / "input.txt", "--B", "8",
                  "--dtype", "bfloat16", "--benchmark", "2")  # (text, as any data)
     assert r.returncode == 0, r.stderr

@@ -1,5 +1,5 @@
 """Never lose a run: exact resume after SIGKILL, preemption by SIGTERM or Ctrl-C on one process and under torchrun,
-torchrun restarts, and resuming on another number of processes."""
+a second Ctrl-C that stops at once, torchrun restarts, and resuming on another number of processes."""
 import os
 import shutil
 import signal
