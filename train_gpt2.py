@@ -907,10 +907,10 @@ def train(args, why, ckpt):
     if args.lora_rank and not model.lora:  # new adapters (B = 0: the model starts as the base); resumed: ckpt's
         model.add_lora(args.lora_rank, args.lora_alpha)
     flops_per_token = model.flops_per_token(T)
-    model.to(device)
     if model.lora and dtype != torch.float32:  # the frozen weights in the compute dtype: 2 bytes a parameter
         for p in [p for p in model.parameters() if not p.requires_grad]:
-            p.data = p.data.to(dtype)
+            p.data = p.data.to(dtype)  # (before the GPU: it never holds them in float32)
+    model.to(device)
     model, raw_model = parallelize(model, args, device_type, use_compile, fsdp, ddp, ddp_local_rank)
     print0(f"model: {n_params:,} parameters, {config}")
     eager = fsdp and use_compile  # (under FSDP, sampling and HellaSwag run the compiled blocks eagerly: shapes vary)
